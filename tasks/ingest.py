@@ -1,0 +1,78 @@
+"""`ingest`: a dataset to sharded npz with train/test splits and a manifest.
+
+Reads the dataset named by ``base.dataset`` (see :mod:`thinair.datasets`). Writes
+``data/ingest/{train,test}-NNNNN.npz`` (keys ``images`` uint8 (N, H, W, C), ``labels`` int64 (N,),
+``class_names``) and ``data/ingest/manifest.json`` (written last).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+
+from thinair import datasets, io, paths
+from thinair.config import Params
+from thinair.orchestration import retry_transient
+from thinair.stage import chunk_ranges
+
+
+def limit_per_class(labels: np.ndarray, per_class: int | None, total: int | None, seed: int) -> np.ndarray:
+    """Indices kept after the per-class and total limits (first images of each class, in order)."""
+    keep = np.arange(len(labels))
+    if per_class is not None:
+        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+        keep.sort()
+    if total is not None and total < len(keep):
+        rng = np.random.default_rng(io.seed_for(seed, "ingest-limit"))
+        keep = np.sort(rng.choice(keep, size=total, replace=False))
+    return keep
+
+
+def validate(raw: datasets.RawDataset, name: str) -> None:
+    """Refuse data the later stages cannot learn from, naming the problem."""
+    n_cls = len(raw.class_names)
+    for split, x, y in (("train", raw.train_images, raw.train_labels), ("test", raw.test_images, raw.test_labels)):
+        if len(x) == 0:
+            raise ValueError(f"dataset {name!r}: the {split} split is empty; check base.dataset and ingest limits")
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise ValueError(f"dataset {name!r}: {split} images must be uint8 (N, H, W, 1|3), got {x.dtype} {x.shape}")
+        if y.min() < 0 or y.max() >= n_cls:
+            raise ValueError(f"dataset {name!r}: {split} labels must be in [0, {n_cls}), got [{y.min()}, {y.max()}]")
+    if len(np.unique(raw.train_labels)) < 2:
+        raise ValueError(f"dataset {name!r}: the train split has a single class; a classifier needs at least two")
+
+
+def ingest(params: Params, root: str | Path = ".") -> dict:
+    """Load, limit and shard the dataset; return the manifest."""
+    b, p = params.base, params.ingest
+    raw = datasets.load(b.dataset, b.data_root, test_fraction=p.test_fraction, download=p.download,
+                        image_size=p.image_size, corrupt=p.corrupt, split_seed=b.seed)
+    keep = limit_per_class(raw.train_labels, p.per_class_limit, p.limit, b.seed)
+    raw.train_images, raw.train_labels = raw.train_images[keep], raw.train_labels[keep]
+    validate(raw, b.dataset)
+    out = paths.stage_dir("ingest", root)
+    out.mkdir(parents=True, exist_ok=True)
+    names = np.asarray(raw.class_names, dtype=str)
+    manifest = {"dataset": b.dataset, "class_names": raw.class_names, "image_shape": list(raw.train_images.shape[1:]),
+                "skipped": raw.skipped, "splits": {}}
+    written = {io.MANIFEST}
+    for split, x, y in (("train", raw.train_images, raw.train_labels), ("test", raw.test_images, raw.test_labels)):
+        shards = []
+        for i, (s, e) in enumerate(chunk_ranges(len(x), p.shard_size)):
+            name = paths.chunk_name(split, i, "npz")
+            io.save_npz(out / name, images=x[s:e], labels=y[s:e].astype(np.int64), class_names=names)
+            shards.append(name)
+        written.update(shards)
+        manifest["splits"][split] = {"count": int(len(x)), "shards": shards,
+                                     "per_class": np.bincount(y, minlength=len(names)).tolist()}
+    for f in out.iterdir():  # drop shards of an earlier, larger run
+        if f.is_file() and f.name not in written:
+            f.unlink()
+    io.write_json(out / io.MANIFEST, manifest)
+    return manifest
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def ingest_task(params: Params, root: str = ".") -> dict:
+    return ingest(params, root)

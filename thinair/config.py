@@ -1,0 +1,207 @@
+"""Typed, validated parameters.
+
+Reads `params.yaml` (one `base` section plus one section per stage, named like the stage) and
+validates it once into frozen pydantic models with ``extra="forbid"``: a misspelt key, a wrong type
+or an out-of-range value raises :class:`ParamsError` naming the key, the bad value and what is
+allowed. Nothing is written here.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("ingest", "pretrain", "encode", "invert", "sample", "metrics", "cas", "report")
+
+
+class ParamsError(ValueError):
+    """Bad parameters: the message names the key, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Base(_Section):
+    seed: int = Field(0, ge=0, description="Root seed; every random draw derives from (seed, stage, chunk, index).")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    dataset: str = Field("digits", description="digits | cifar10 | cifar100 | stl10 | imagenette | eurosat | "
+                         "pathmnist | dermamnist | bloodmnist | retinamnist | folder:<path>")
+    data_root: str = Field("~/.cache/thinair/datasets", description="Where real datasets are read from / downloaded to.")
+    generator: str = Field("generators/tiny-digits", description="A local diffusers SD directory or a hub id.")
+    revision: str | None = Field(None, description="Hub revision of the generator (ignored for local directories).")
+    gen_resolution: int = Field(16, ge=8, le=1024, description="Resolution (px) images are encoded and generated at.")
+    save_resolution: int | None = Field(None, ge=4, le=1024, description="Resolution of saved synthetic images; "
+                                        "null = the dataset's native resolution.")
+    chunk_size: int = Field(100, ge=1, description="Images per encode/invert/sample chunk (the unit of resume).")
+    workers: int = Field(1, ge=1, le=64, description="Chunk tasks run at once (one per device).")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("must be one of auto, cpu, mps, cuda, cuda:N")
+        return v
+
+
+class Ingest(_Section):
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Test share for datasets without an official split.")
+    per_class_limit: int | None = Field(None, ge=1, description="Keep at most this many train images per class.")
+    limit: int | None = Field(None, ge=1, description="Keep at most this many train images in total.")
+    shard_size: int = Field(10000, ge=1, description="Images per ingest shard.")
+    download: bool = Field(True, description="Try to download a missing dataset (torchvision / MedMNIST).")
+    image_size: int | None = Field(None, ge=4, le=1024, description="Square size for sources of varied sizes.")
+    corrupt: Literal["skip", "fail"] = Field("skip", description="Unreadable image-folder files: skip (listed in "
+                                             "the manifest) or fail.")
+
+
+class Pretrain(_Section):
+    vae_steps: int = Field(3000, ge=1)
+    unet_steps: int = Field(6000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    vae_lr: float = Field(1e-3, gt=0)
+    unet_lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-4, ge=0)
+    num_tokens: int = Field(4, ge=1, description="Class-conditioning tokens of the embedded generator.")
+    cross_attention_dim: int = Field(64, ge=8)
+    vae_channels: list[int] = Field([16, 32, 64], min_length=2)
+    unet_channels: list[int] = Field([32, 64], min_length=2)
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of steps trained unconditionally.")
+    threads: int | None = Field(None, ge=1)
+
+
+class Encode(_Section):
+    batch_size: int = Field(64, ge=1)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+
+
+class Invert(_Section):
+    num_tokens: int = Field(5, ge=1, le=77, description="Tokens per learned embedding (paper: 5).")
+    steps: int = Field(3000, ge=1, description="Optimisation steps per chunk (paper: up to 3000).")
+    batch_size: int = Field(50, ge=1, description="Images of the chunk per step.")
+    lr: float = Field(0.03, gt=0, le=10)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-2, ge=0)
+    checkpoint_every: int = Field(1000, ge=1, description="Save the embeddings every this many steps (resume point).")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("both betas must be in [0, 1)")
+        return v
+
+
+class Sample(_Section):
+    checkpoints: list[int | Literal["final"]] = Field(["final"], min_length=1,
+                                                       description="Embedding checkpoints (steps) to sample from.")
+    guidance_scales: list[float] = Field([2.0], min_length=1, description="Classifier-free guidance scales.")
+    samples_per_setting: int = Field(5, ge=1, description="Variants per embedding per (checkpoint, guidance).")
+    noise: float = Field(0.1, ge=0, description="Gaussian perturbation strength lambda.")
+    interpolation: float = Field(0.1, ge=0, le=1, description="Interpolation strength alpha toward a same-class partner.")
+    uncond: Literal["mean", "chunk_mean"] = "mean"
+    scheduler: Literal["ddim", "pndm", "ddpm", "dpmsolver++", "unipc", "euler"] = "ddim"
+    steps: int = Field(100, ge=1, le=1000)
+    batch_size: int = Field(256, ge=1)
+
+
+class Metrics(_Section):
+    features: Literal["domain", "inception"] = "domain"
+    k: int = Field(5, ge=1, description="Nearest neighbours for precision/recall/density/coverage.")
+    feature_epochs: int = Field(20, ge=1, description="Epochs of the domain feature classifier.")
+    max_samples: int | None = Field(None, ge=2, description="Subsample each set to at most this many.")
+
+
+class Cas(_Section):
+    model: Literal["smallcnn", "resnet18"] = "smallcnn"
+    modes: list[Literal["real", "synthetic", "real+synthetic"]] = ["real", "synthetic", "real+synthetic"]
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    crop_padding: int = Field(1, ge=0)
+    flip: bool = False
+    real_fraction: float = Field(0.5, gt=0, lt=1, description="Share of real images per batch in real+synthetic.")
+
+
+class Report(_Section):
+    images_per_class: int = Field(8, ge=1, le=64)
+    upscale: int = Field(4, ge=1, le=16, description="Pixel upscaling of grid thumbnails.")
+
+
+class Params(_Section):
+    base: Base = Base()
+    ingest: Ingest = Ingest()
+    pretrain: Pretrain = Pretrain()
+    encode: Encode = Encode()
+    invert: Invert = Invert()
+    sample: Sample = Sample()
+    metrics: Metrics = Metrics()
+    cas: Cas = Cas()
+    report: Report = Report()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Params":
+        if self.invert.checkpoint_every > self.invert.steps:
+            object.__setattr__(self, "invert", self.invert.model_copy(update={"checkpoint_every": self.invert.steps}))
+        for c in self.sample.checkpoints:
+            if c != "final" and (c > self.invert.steps or c % self.invert.checkpoint_every):
+                raise ValueError(
+                    f"sample.checkpoints: step {c} is not saved by invert (saved every "
+                    f"{self.invert.checkpoint_every} up to {self.invert.steps}); use a multiple of "
+                    "invert.checkpoint_every or 'final'")
+        return self
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid parameter(s):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            section = key.rsplit(".", 1)[0] if "." in key else None
+            model = Params if section is None else Params.model_fields.get(section, None)
+            allowed = sorted((model.annotation if section else Params).model_fields) if model else []
+            lines.append(f"  - {key}: unknown key (value {e['input']!r}). Allowed keys here: {', '.join(allowed)}")
+        else:
+            lines.append(f"  - {key}: got {e.get('input')!r}; {e['msg']}")
+    lines.append("Fix params.yaml (or the -S/--set override) and run again; nothing was written.")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict | None, source: str = "params") -> Params:
+    """Validate a raw mapping into :class:`Params` or raise :class:`ParamsError`."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections ({', '.join(('base',) + STAGES)}), "
+                          f"got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override (``section.key=yaml-value``) and validate a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found. Run from the project root or pass --params PATH.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ParamsError(f"override {item!r}: expected section.key=value, e.g. invert.steps=500")
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ParamsError(f"{path}: section {section!r} is not a mapping")
+        raw[section][name] = yaml.safe_load(value)
+    return parse_params(raw, str(path))

@@ -1,0 +1,37 @@
+"""Conversions between stored uint8 images and model tensors. Pure functions, no I/O."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import resize
+
+_MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+          "nearest": InterpolationMode.NEAREST}
+
+
+def to_model(images: np.ndarray, resolution: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """uint8 ``(N, H, W, C)`` with C in {1, 3, 4} -> float ``(N, 3, R, R)`` in [-1, 1] (grey is replicated)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, C, H, W)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 4:
+        x = x[:, :3]
+    if x.shape[-2:] != (resolution, resolution):
+        x = resize(x, [resolution, resolution], interpolation=_MODES[interpolation], antialias=True)
+    return x.clamp(-1, 1).contiguous()
+
+
+def to_uint8(x: torch.Tensor, resolution: int, channels: int, interpolation: str = "bicubic") -> np.ndarray:
+    """float ``(N, 3, H, W)`` in [-1, 1] -> uint8 ``(N, R, R, channels)`` (channels 1 = luminance mean)."""
+    x = x.float().clamp(-1, 1)
+    if x.shape[-2:] != (resolution, resolution):
+        if resolution < x.shape[-1]:
+            x = F.interpolate(x, size=(resolution, resolution), mode="area")  # clean box downsampling
+        else:
+            x = resize(x, [resolution, resolution], interpolation=_MODES[interpolation], antialias=True)
+    if channels == 1:
+        x = x.mean(dim=1, keepdim=True)
+    x = ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()  # (N, R, R, C)

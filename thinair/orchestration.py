@@ -1,0 +1,39 @@
+"""Prefect plumbing shared by every flow: settings, retry policy, task runner.
+
+Reads environment variables only. Prefect settings are put in the environment before Prefect is
+imported (``configure()``), so every `thinair` command behaves the same without any user setup.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Errors that no retry can fix: bad params, missing inputs, unusable data or model.
+PERMANENT = ("ParamsError", "StageInputMissing", "DatasetUnavailable", "GeneratorUnavailable", "ValueError",
+             "TypeError", "KeyError", "NonFiniteLoss", "FileNotFoundError")
+
+
+def configure(root: str | Path = ".") -> None:
+    """Offline-friendly Prefect defaults; anything the user already set wins."""
+    env = os.environ
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    env.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    env.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retry condition: retry I/O hiccups and device faults, never bad input or configuration."""
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as err:  # noqa: BLE001 - we only classify it
+        return not any(cls.__name__ in PERMANENT for cls in type(err).__mro__)
+    return False
+
+
+def task_runner(workers: int):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=workers)

@@ -1,0 +1,106 @@
+"""Reading earlier stages' outputs, and the content-keyed chunk cache.
+
+Reads ``data/ingest`` shards and manifests; writes nothing itself except through :class:`ChunkCache`,
+which stores finished chunk files under ``.thinair/cache/<stage>/<key>/`` (key = hash of everything
+that determines the chunk) and links them into the stage's output directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from thinair import io, paths
+
+
+class StageInputMissing(FileNotFoundError):
+    """An upstream stage's output is missing; the message names the stage to run."""
+
+
+def require(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise StageInputMissing(f"{path} is missing: run `thinair {stage}` (or `dvc repro {stage}`) first")
+    return path
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+    class_names: list[str]
+
+
+def read_split(split: str, root: str | Path = ".") -> Split:
+    """All shards of one ingest split, concatenated in order."""
+    d = paths.stage_dir("ingest", root)
+    manifest = io.read_json(require(d / io.MANIFEST, "ingest"))
+    images, labels = [], []
+    for shard in manifest["splits"][split]["shards"]:
+        z = io.load_npz(require(d / shard, "ingest"))
+        images.append(z["images"])
+        labels.append(z["labels"])
+    return Split(np.concatenate(images), np.concatenate(labels), list(manifest["class_names"]))
+
+
+def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+def content_key(*parts) -> str:
+    """Stable hash of JSON-able parts, numpy arrays and files (by content)."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(str((p.dtype, p.shape)).encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        elif isinstance(p, Path):
+            h.update(io.file_sha256(p).encode())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:24]
+
+
+class ChunkCache:
+    """Finished chunk files keyed on content; a hit is verified against its recorded hash."""
+
+    def __init__(self, stage: str, root: str | Path = "."):
+        self.dir = paths.cache_dir(stage, root)
+
+    def get(self, key: str, name: str) -> Path | None:
+        f = self.dir / key / name
+        meta = self.dir / key / (name + ".sha256")
+        if f.is_file() and meta.is_file() and meta.read_text().strip() == io.file_sha256(f):
+            return f
+        return None
+
+    def put(self, key: str, name: str, src: Path) -> Path:
+        dst = self.dir / key / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst) if src.parent == dst.parent else shutil.copyfile(src, dst)
+        io.write_bytes(dst.parent / (name + ".sha256"), io.file_sha256(dst).encode())
+        return dst
+
+
+def publish(src: Path, dst: Path) -> None:
+    """Place a cached file at `dst` (hard link when possible, else copy), atomically."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with io.atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def clean_dir(d: Path, keep: set[str]) -> None:
+    """Remove files in a stage's output directory that this run did not produce (stale chunks)."""
+    if d.is_dir():
+        for f in d.iterdir():
+            if f.is_file() and f.name not in keep:
+                f.unlink()
