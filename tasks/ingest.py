@@ -13,7 +13,7 @@ from prefect import task
 
 from thinair import datasets, io, paths
 from thinair.config import Params
-from thinair.orchestration import retry_transient
+from thinair.orchestration import task_options
 from thinair.stage import chunk_ranges
 
 
@@ -73,6 +73,6 @@ def ingest(params: Params, root: str | Path = ".") -> dict:
     return manifest
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+@task(name="ingest", **task_options(retries=2, delay=5))
 def ingest_task(params: Params, root: str = ".") -> dict:
     return ingest(params, root)

@@ -23,7 +23,7 @@ from thinair import io, paths
 from thinair.config import Params
 from thinair.generator import build_unet, build_vae, sd_scheduler_config, save_generator
 from thinair.images import to_model
-from thinair.orchestration import retry_transient
+from thinair.orchestration import task_options
 from thinair.stage import read_split
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,6 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
     return train_log
 
 
-@task(name="pretrain", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+@task(name="pretrain", **task_options(retries=1, delay=5))
 def pretrain_task(params: Params, root: str = ".") -> dict:
     return pretrain(params, root)

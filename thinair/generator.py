@@ -184,3 +184,24 @@ def describe(gen: Generator) -> dict:
             "cross_attention_dim": gen.cross_attention_dim, "vae_factor": gen.vae_factor,
             "scaling_factor": gen.scaling_factor, "latent_size": int(gen.unet.config.sample_size),
             "scheduler": json.loads(json.dumps(gen.scheduler_config, default=str))}
+
+
+_LOADED: dict = {}
+_LOCK = __import__("threading").Lock()
+
+
+def cached_generator(source: str, revision: str | None, device: str) -> Generator:
+    """One loaded generator per (source, revision, device) per process; chunk tasks share it read-only."""
+    key = (source, revision, str(device))
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = load_generator(source, revision, device)
+        return _LOADED[key]
+
+
+def chunk_device(device: str, chunk: int) -> torch.device:
+    """The device a chunk runs on: CUDA chunks are spread round-robin over the visible GPUs."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        return torch.device("cuda", chunk % torch.cuda.device_count())
+    return dev

@@ -22,6 +22,7 @@ def configure(root: str | Path = ".") -> None:
     env.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "thinair")
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -37,3 +38,12 @@ def task_runner(workers: int):
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def task_options(retries: int = 2, delay: float = 10) -> dict:
+    """Options every thinair task shares. Prefect's own result cache is off: finished chunks are cached by
+    content in `.thinair/cache` (see thinair/stage.py), which survives kills and verifies file hashes."""
+    from prefect.cache_policies import NO_CACHE
+
+    return {"retries": retries, "retry_delay_seconds": delay, "retry_condition_fn": retry_transient,
+            "cache_policy": NO_CACHE, "persist_result": False}

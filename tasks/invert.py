@@ -1,0 +1,157 @@
+"""`invert`: learn one conditioning embedding per train image against the frozen UNet (Diffusion Inversion).
+
+Per chunk of ``base.chunk_size`` images: embeddings (n, num_tokens, cross_attention_dim) initialised
+U(-1/sqrt(n), 1/sqrt(n)) (the reference's bias-free linear layer), AdamW (lr 0.03, constant), each step
+a batch of the chunk's images with a latent re-sampled from the VAE posterior, t ~ U{0..T-1} and the
+plain noise MSE. Reads ``data/encode`` and the generator. Writes ``data/invert/train-NNNNN.safetensors``
+(``embeddings`` = final, ``step_<k>`` checkpoints, ``labels``, ``index``), ``data/invert/losses.json``
+and ``data/invert/manifest.json`` (last). Work in progress is checkpointed to ``.thinair/work/invert``
+every ``invert.checkpoint_every`` steps, so a killed run resumes from the latest checkpoint; finished
+chunks come from the chunk cache.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from prefect import task
+
+from thinair import io, paths
+from thinair.config import Params
+from thinair.generator import cached_generator, chunk_device
+from thinair.orchestration import task_options
+from thinair.stage import ChunkCache, clean_dir, content_key, publish, require
+
+STAGE = "invert"
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The inversion loss became NaN/inf: the chunk stops with its index and step."""
+
+
+def init_embeddings(n: int, tokens: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    bound = 1.0 / math.sqrt(n)
+    return (torch.rand(n, tokens, dim, generator=gen) * 2 - 1) * bound  # (n, T, D)
+
+
+def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, gen: torch.Generator, chunk: int,
+                state: dict | None = None, on_checkpoint=None, device="cpu"):
+    """Optimise embeddings for the latents of one chunk.
+
+    Args:
+        mean, logvar: VAE posterior of the chunk's images, (n, 4, h, w).
+        state: a checkpoint from `on_checkpoint` to resume from, or None.
+        on_checkpoint: called as ``on_checkpoint(step, state)`` every ``p.checkpoint_every`` steps.
+    Returns:
+        (final embeddings (n, T, D), {step: embeddings} checkpoints, losses [(step, loss)]).
+    """
+    n = len(mean)
+    dim = unet.config.cross_attention_dim
+    emb = torch.nn.Parameter(init_embeddings(n, p.num_tokens, dim, gen).to(device))
+    opt = torch.optim.AdamW([emb], lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
+    ckpts, losses, start = {}, [], 0
+    if state is not None:
+        emb.data.copy_(state["embeddings"].to(device))
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["rng"])
+        ckpts = {int(k): v for k, v in state["ckpts"].items()}
+        losses, start = json.loads(state["losses"]), int(state["step"])
+    mean, std = mean.to(device), torch.exp(0.5 * logvar).to(device)
+    batch = min(p.batch_size, n)
+    for step in range(start + 1, p.steps + 1):
+        idx = torch.randperm(n, generator=gen)[:batch]
+        eps_z = torch.randn(mean[idx].shape, generator=gen).to(device)
+        z0 = (mean[idx] + std[idx] * eps_z) * scaling  # posterior re-sampled every step, (B, 4, h, w)
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=emb[idx].to(unet.dtype)).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"invert chunk {chunk}: loss is {loss.item()} at step {step}; lower invert.lr "
+                                "or check the generator and the encoded latents")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append([step, round(loss.item(), 6)])
+        if step % p.checkpoint_every == 0 or step == p.steps:
+            ckpts[step] = emb.detach().cpu().clone()
+            if on_checkpoint is not None and step < p.steps:
+                on_checkpoint(step, {"embeddings": emb.detach().cpu(), "opt": opt.state_dict(),
+                                     "rng": gen.get_state(), "ckpts": {str(k): v for k, v in ckpts.items()},
+                                     "losses": json.dumps(losses), "step": step})
+    return emb.detach().cpu(), ckpts, losses
+
+
+def invert_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
+    """Invert one chunk (or take it from the cache); publish it to ``data/invert``."""
+    from diffusers import DDPMScheduler
+
+    b, p = params.base, params.invert
+    enc_dir = paths.stage_dir("encode", root)
+    name = paths.chunk_name("train", chunk, "safetensors")
+    enc_file = require(enc_dir / name, "encode")
+    device = chunk_device(b.device, chunk)
+    gen_model = cached_generator(b.generator, b.revision, str(device))
+    key = content_key(STAGE, gen_model.identity, p.model_dump(mode="json"), b.seed, chunk, enc_file)
+    cache = ChunkCache(STAGE, root)
+    hit = cache.get(key, name)
+    if hit is None:
+        enc = io.load_tensors(enc_file)
+        work = paths.work_dir(STAGE, root) / f"{key}.pt"
+        state = torch.load(work, weights_only=True) if work.is_file() else None  # our own checkpoint
+        if state is not None:
+            log.info("invert chunk %d: resuming from step %d", chunk, int(state["step"]))
+
+        def save_state(step, st):
+            with io.atomic_path(work) as tmp:
+                torch.save(st, tmp)
+
+        gen = torch.Generator().manual_seed(io.seed_for(b.seed, STAGE, chunk))
+        noise_sched = DDPMScheduler.from_config(gen_model.scheduler_config)
+        emb, ckpts, losses = invert_loop(gen_model.unet, noise_sched, enc["mean"], enc["logvar"],
+                                         gen_model.scaling_factor, p, gen, chunk, state, save_state, device)
+        tensors = {"embeddings": emb, "labels": enc["labels"], "index": enc["index"]}
+        tensors |= {f"step_{k}": v for k, v in sorted(ckpts.items())}
+        tmp = cache.dir / key / (name + ".part")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        io.save_tensors(tmp, tensors, metadata={"losses": json.dumps(losses), "generator": gen_model.identity})
+        hit = cache.put(key, name, tmp)
+        work.unlink(missing_ok=True)
+    publish(hit, paths.stage_dir(STAGE, root) / name)
+    return {"file": name, "key": key}
+
+
+def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dict:
+    """Write the loss summary and the manifest; drop stale chunk files."""
+    from safetensors import safe_open
+
+    out = paths.stage_dir(STAGE, root)
+    curves = {}
+    for r in records:
+        with safe_open(str(out / r["file"]), "pt") as f:
+            curves[r["file"]] = json.loads(f.metadata()["losses"])
+    window = max(1, params.invert.steps // 20)
+    summary = {f: {"first": sum(l for _, l in c[:window]) / len(c[:window]),
+                   "last": sum(l for _, l in c[-window:]) / len(c[-window:])} for f, c in curves.items()}
+    io.write_json(out / "losses.json", {"window": window, "chunks": summary, "curves": curves})
+    manifest = {"chunks": [r["file"] for r in records], "steps": params.invert.steps,
+                "checkpoints": sorted({s for c in curves.values() for s, _ in c
+                                       if s % params.invert.checkpoint_every == 0 or s == params.invert.steps}),
+                "num_tokens": params.invert.num_tokens}
+    clean_dir(out, {r["file"] for r in records} | {io.MANIFEST, "losses.json"})
+    io.write_json(out / io.MANIFEST, manifest)
+    return manifest
+
+
+def chunk_count(root: str | Path = ".") -> int:
+    return len(io.read_json(require(paths.stage_dir("encode", root) / io.MANIFEST, "encode"))["chunks"])
+
+
+@task(name="invert-chunk", **task_options(retries=2, delay=10))
+def invert_chunk_task(params: Params, chunk: int, root: str = ".") -> dict:
+    return invert_chunk(params, chunk, root)

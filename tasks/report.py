@@ -1,0 +1,132 @@
+"""`report`: one self-contained HTML page (opens offline) with real-vs-synthetic grids and metric tables.
+
+Reads ``data/ingest``, ``data/sample``, ``data/invert/losses.json``, ``data/metrics/metrics.json`` and
+``data/cas/cas.json``. Writes ``data/report/index.html`` (images inlined as base64 PNG) and
+``data/report/grid.png`` (all classes, real rows above synthetic rows).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io as _io
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+
+from thinair import io, paths
+from thinair.config import Params
+from thinair.orchestration import task_options
+from thinair.stage import read_split, require
+from thinair.tasks.metrics import read_synthetic
+
+STAGE = "report"
+
+PAPER_CAS = {  # ResNet-18 test accuracy (%), "Training on Thin Air" Table: real / DI only / real + DI
+    "cifar10": (95.1, 94.6, 95.2), "cifar100": (77.9, 74.4, 78.0), "stl10": (83.3, 89.0, 90.0),
+    "imagenette": (93.8, 95.4, 95.0), "pathmnist": (89.6, 82.1, 92.1), "dermamnist": (67.5, 67.5, 66.3),
+    "bloodmnist": (96.4, 93.7, 95.7)}
+
+
+def tile(images: np.ndarray, cols: int, upscale: int, pad: int = 1) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 (rows*(H+pad), cols*(W+pad), 3) mosaic, upscaled by pixel repeat."""
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    images = images.repeat(upscale, 1).repeat(upscale, 2)
+    n, h, w, _ = images.shape
+    rows = max(1, -(-n // cols))
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    return canvas
+
+
+def class_grid(real, real_y, syn, syn_y, n_classes: int, per_class: int, upscale: int, seed: int) -> np.ndarray:
+    """One row pair per class: `per_class` real images, a gap, `per_class` synthetic ones."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(n_classes):
+        picks = []
+        for x, y in ((real, real_y), (syn, syn_y)):
+            idx = np.flatnonzero(y == k)
+            idx = rng.choice(idx, min(per_class, len(idx)), replace=False) if len(idx) else idx
+            sel = x[idx]
+            if len(sel) < per_class:
+                sel = np.concatenate([sel, np.full((per_class - len(sel),) + x.shape[1:], 255, np.uint8)])
+            picks.append(sel)
+        gap = np.full((1,) + real.shape[1:], 255, np.uint8)
+        rows.append(np.concatenate([picks[0], gap, picks[1]]))
+    return tile(np.concatenate(rows), 2 * per_class + 1, upscale)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = _io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def report(params: Params, root: str | Path = ".") -> Path:
+    b, p = params.base, params.report
+    train = read_split("train", root)
+    syn_x, syn_y = read_synthetic(root)
+    m = io.read_json(require(paths.stage_dir("metrics", root) / "metrics.json", "metrics"))
+    cas = io.read_json(require(paths.stage_dir("cas", root) / "cas.json", "cas"))
+    losses = io.read_json(require(paths.stage_dir("invert", root) / "losses.json", "invert"))
+    sample_manifest = io.read_json(paths.stage_dir("sample", root) / io.MANIFEST)
+    grid = class_grid(train.images, train.labels, syn_x, syn_y, len(train.class_names), p.images_per_class,
+                      p.upscale, b.seed)
+    out = paths.stage_dir(STAGE, root)
+    grid_png = png_bytes(grid)
+    io.write_bytes(out / "grid.png", grid_png)
+    metric_rows = [[name] + [m[name][k] for k in ("fid", "precision", "recall", "density", "coverage")]
+                   for name in ("synthetic_vs_train", "test_vs_train")]
+    cas_rows = [[mode, 100 * acc] for mode, acc in cas["accuracy"].items()]
+    paper = PAPER_CAS.get(b.dataset)
+    if paper:
+        cas_rows = [r + [v] for r, v in zip(cas_rows, paper)]
+    loss_rows = [[f, v["first"], v["last"]] for f, v in losses["chunks"].items()]
+    img = base64.b64encode(grid_png).decode()
+    labels = " ".join(f"<li>{html.escape(n)}</li>" for n in train.class_names)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>thinair report: {html.escape(b.dataset)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+th{{background:#f3f3f3}}td:first-child{{text-align:left}}img{{image-rendering:pixelated;max-width:100%}}
+ol{{columns:5}}</style></head><body>
+<h1>thinair report — Diffusion Inversion on <code>{html.escape(b.dataset)}</code></h1>
+<p>Generator <code>{html.escape(b.generator)}</code>; {len(train.labels)} real train images inverted,
+{sample_manifest['total']} synthetic images ({sample_manifest['variants_per_embedding']} per embedding;
+sampler {html.escape(params.sample.scheduler)}, {params.sample.steps} steps, guidance
+{params.sample.guidance_scales}, noise &lambda;={params.sample.noise}, interpolation &alpha;={params.sample.interpolation}).</p>
+<h2>Real (left) vs synthetic (right), one row per class</h2>
+<ol start="0">{labels}</ol>
+<img alt="real vs synthetic grid" src="data:image/png;base64,{img}">
+<h2>Classification accuracy score (real test split, %)</h2>
+{_table(["trained on", "accuracy (%)"] + (["paper, ResNet-18 (%)"] if paper else []), cas_rows)}
+<p>Classifier: {html.escape(cas['model'])}; {cas['test_images']} real test images.</p>
+<h2>Distribution metrics ({html.escape(m['features']['kind'])} features, {m['features']['dim']}-d)</h2>
+{_table(["compared", "FID", "precision", "recall", "density", "coverage"], metric_rows)}
+<p><em>test_vs_train</em> is the floor: real held-out images against the real train set.</p>
+<h2>Inversion loss (mean of first / last {losses['window']} steps)</h2>
+{_table(["chunk", "first", "last"], loss_rows)}
+</body></html>
+"""
+    io.write_bytes(out / "index.html", page.encode())
+    return out / "index.html"
+
+
+@task(name="report", **task_options(retries=1, delay=5))
+def report_task(params: Params, root: str = ".") -> str:
+    return str(report(params, root))

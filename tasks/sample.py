@@ -1,0 +1,157 @@
+"""`sample`: generate variants of every learned embedding (Diffusion Inversion, stage 2).
+
+For each embedding c_i, checkpoint, guidance scale w and sample s: the conditional context is
+``c' = (1 - alpha) c_i + alpha c_j + lambda * N(0, I)`` with c_j a random *other* embedding of the
+same class (never c_i), the unconditional context is the mean learned embedding (unperturbed), and
+``eps = eps_u + w (eps_c - eps_u)`` in one batched UNet call. Every draw is seeded from
+(seed, chunk, index, checkpoint, w, s), so results do not depend on batching. Images are generated at
+``base.gen_resolution`` and resized to the save resolution. Reads ``data/invert`` and the generator.
+Writes ``data/sample/train-NNNNN.npz`` (``images`` uint8 (M, H, W, C), ``labels``, ``source_index``,
+``checkpoint``, ``guidance``, ``partner_index``) and ``data/sample/manifest.json`` (last).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import task
+
+from thinair import io, paths
+from thinair.config import Params
+from thinair.generator import cached_generator, chunk_device
+from thinair.images import to_uint8
+from thinair.orchestration import task_options
+from thinair.stage import ChunkCache, clean_dir, content_key, publish, require
+
+STAGE = "sample"
+
+
+def ckpt_key(c) -> str:
+    return "embeddings" if c == "final" else f"step_{c}"
+
+
+def load_bank(root: str | Path, checkpoints) -> dict:
+    """All chunks' embeddings per checkpoint: {ckpt: (N, T, D)}, plus labels/index (N,) and chunk ids."""
+    d = paths.stage_dir("invert", root)
+    manifest = io.read_json(require(d / io.MANIFEST, "invert"))
+    bank = {"labels": [], "index": [], "chunk": []} | {c: [] for c in checkpoints}
+    for i, f in enumerate(manifest["chunks"]):
+        t = io.load_tensors(d / f)
+        for c in checkpoints:
+            if ckpt_key(c) not in t:
+                raise ValueError(f"sample.checkpoints: {c!r} is not in {d / f}; invert saved "
+                                 f"{sorted(k for k in t if k.startswith('step_'))}")
+            bank[c].append(t[ckpt_key(c)])
+        bank["labels"].append(t["labels"])
+        bank["index"].append(t["index"])
+        bank["chunk"].append(torch.full_like(t["labels"], i))
+    return {k: torch.cat(v) for k, v in bank.items()}
+
+
+def plan_variants(labels: np.ndarray, rows: np.ndarray, p, seed: int, chunk: int) -> list[dict]:
+    """One record per image to generate, for the bank rows `rows` (embeddings of this chunk)."""
+    plan = []
+    for ci, c in enumerate(p.checkpoints):
+        for wi, w in enumerate(p.guidance_scales):
+            for s in range(p.samples_per_setting):
+                for r in rows:
+                    rng = np.random.default_rng(io.seed_for(seed, STAGE, chunk, int(r), ci, wi, s))
+                    mates = np.flatnonzero(labels == labels[r])
+                    mates = mates[mates != r]  # never interpolate an embedding with itself
+                    partner = int(rng.choice(mates)) if len(mates) and p.interpolation > 0 else -1
+                    plan.append({"row": int(r), "ckpt": c, "w": float(w), "partner": partner,
+                                 "seed": io.seed_for(seed, STAGE, chunk, int(r), ci, wi, s, "draw")})
+    return plan
+
+
+def perturbed_context(bank: dict, rec: dict, p, gen: torch.Generator) -> torch.Tensor:
+    c = bank[rec["ckpt"]][rec["row"]]  # (T, D)
+    if rec["partner"] >= 0:
+        c = (1 - p.interpolation) * c + p.interpolation * bank[rec["ckpt"]][rec["partner"]]
+    return c + p.noise * torch.randn(c.shape, generator=gen)
+
+
+@torch.no_grad()
+def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int):
+    """Classifier-free guidance sampling; cond/uncond (B, T, D), guidance (B,). Returns x0 latents."""
+    scheduler.set_timesteps(steps, device=latents.device)
+    lat = latents * scheduler.init_noise_sigma
+    ctx = torch.cat([uncond, cond]).to(unet.dtype)
+    w = guidance.view(-1, 1, 1, 1).to(lat)
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([lat, lat]), t)
+        eps_u, eps_c = unet(inp.to(unet.dtype), t, encoder_hidden_states=ctx).sample.float().chunk(2)
+        lat = scheduler.step(eps_u + w * (eps_c - eps_u), t, lat).prev_sample
+    return lat
+
+
+def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
+    b, p = params.base, params.sample
+    name_in = paths.chunk_name("train", chunk, "safetensors")
+    name = paths.chunk_name("train", chunk, "npz")
+    inv_file = require(paths.stage_dir("invert", root) / name_in, "invert")
+    ingest_manifest = io.read_json(require(paths.stage_dir("ingest", root) / io.MANIFEST, "ingest"))
+    h, _, channels = ingest_manifest["image_shape"]
+    save_res = b.save_resolution or h
+    device = chunk_device(b.device, chunk)
+    gen_model = cached_generator(b.generator, b.revision, str(device))
+    bank_files = sorted(paths.stage_dir("invert", root).glob("train-*.safetensors"))
+    key = content_key(STAGE, gen_model.identity, p.model_dump(mode="json"), b.seed, chunk, save_res, channels,
+                      b.gen_resolution, inv_file, [io.file_sha256(f) for f in bank_files] if p.uncond == "mean"
+                      or p.interpolation > 0 else None)
+    cache = ChunkCache(STAGE, root)
+    hit = cache.get(key, name)
+    if hit is None:
+        bank = load_bank(root, p.checkpoints)
+        rows = torch.nonzero(bank["chunk"] == chunk).flatten().numpy()
+        labels = bank["labels"].numpy()
+        plan = plan_variants(labels, rows, p, b.seed, chunk)
+        uncond_rows = rows if p.uncond == "chunk_mean" else slice(None)
+        unconds = {c: bank[c][uncond_rows].mean(0) for c in p.checkpoints}  # (T, D): the mean embedding
+        latent = b.gen_resolution // gen_model.vae_factor
+        images = []
+        for s in range(0, len(plan), p.batch_size):
+            recs = plan[s:s + p.batch_size]
+            gens = [torch.Generator().manual_seed(r["seed"]) for r in recs]
+            cond = torch.stack([perturbed_context(bank, r, p, g) for r, g in zip(recs, gens)])
+            lat0 = torch.stack([torch.randn(4, latent, latent, generator=g) for g in gens])  # (B, 4, h, w)
+            uncond = torch.stack([unconds[r["ckpt"]] for r in recs])
+            w = torch.tensor([r["w"] for r in recs])
+            lat = denoise(gen_model.unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
+                          uncond.to(device), w.to(device), p.steps)
+            with torch.no_grad():
+                x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
+            images.append(to_uint8(x, save_res, channels))
+        tmp = cache.dir / key / (name + ".part")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        ckpt_ids = {c: (-1 if c == "final" else int(c)) for c in p.checkpoints}
+        io.save_npz(tmp, images=np.concatenate(images), labels=labels[[r["row"] for r in plan]],
+                    source_index=bank["index"].numpy()[[r["row"] for r in plan]],
+                    partner_index=np.asarray([bank["index"][r["partner"]].item() if r["partner"] >= 0 else -1
+                                              for r in plan], np.int64),
+                    checkpoint=np.asarray([ckpt_ids[r["ckpt"]] for r in plan], np.int64),
+                    guidance=np.asarray([r["w"] for r in plan], np.float32))
+        hit = cache.put(key, name, tmp)
+    publish(hit, paths.stage_dir(STAGE, root) / name)
+    return {"file": name, "key": key}
+
+
+def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dict:
+    out = paths.stage_dir(STAGE, root)
+    counts = {r["file"]: int(len(io.load_npz(out / r["file"])["labels"])) for r in records}
+    manifest = {"chunks": [r["file"] for r in records], "counts": counts, "total": sum(counts.values()),
+                "variants_per_embedding": len(params.sample.checkpoints) * len(params.sample.guidance_scales)
+                * params.sample.samples_per_setting, "params": params.sample.model_dump(mode="json")}
+    clean_dir(out, set(counts) | {io.MANIFEST})
+    io.write_json(out / io.MANIFEST, manifest)
+    return manifest
+
+
+def chunk_count(root: str | Path = ".") -> int:
+    return len(io.read_json(require(paths.stage_dir("invert", root) / io.MANIFEST, "invert"))["chunks"])
+
+
+@task(name="sample-chunk", **task_options(retries=2, delay=10))
+def sample_chunk_task(params: Params, chunk: int, root: str = ".") -> dict:
+    return sample_chunk(params, chunk, root)

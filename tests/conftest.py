@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny *random* SD-architecture generator (tests only) and a tiny project params set."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory) -> Path:
+    """A random tiny SD-layout generator directory: 16 px images, VAE factor 4, 4x4x4 latents."""
+    from thinair.generator import build_unet, build_vae, save_generator
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gen") / "tiny-random"
+    unet = build_unet(4, [8, 16], cross_attention_dim=8, norm_groups=4, head_dim=4)
+    vae = build_vae(16, [4, 8, 8], norm_groups=4, scaling_factor=1.0)
+    save_generator(path, unet, vae)
+    return path
+
+
+def tiny_params(generator: Path, **sections) -> dict:
+    """Raw params for a seconds-long run: 4 digits per class, 2 chunks, a few steps everywhere."""
+    raw = {
+        "base": {"generator": str(generator), "chunk_size": 20, "gen_resolution": 16, "device": "cpu"},
+        "ingest": {"per_class_limit": 4},
+        "invert": {"steps": 4, "batch_size": 10, "checkpoint_every": 2, "num_tokens": 2},
+        "sample": {"steps": 2, "samples_per_setting": 1, "batch_size": 16, "checkpoints": [2, "final"]},
+        "metrics": {"feature_epochs": 1},
+        "cas": {"epochs": 1},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+@pytest.fixture
+def params(tiny_generator):
+    from thinair.config import parse_params
+
+    return parse_params(tiny_params(tiny_generator))

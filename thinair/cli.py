@@ -1,0 +1,73 @@
+"""`thinair <stage>`: run one stage's Prefect flow (this is what each dvc.yaml stage calls).
+
+Parameters are validated before anything else happens (no server start, no file touched): a bad
+value exits with status 2 and a message naming the key. Known failures (missing inputs, unusable
+dataset or generator, non-finite loss) exit with status 1 and a one-paragraph explanation.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+
+from thinair.config import STAGES, ParamsError, load_params
+
+EXIT_PARAMS, EXIT_FAILED = 2, 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="thinair", description="Diffusion Inversion dataset synthesis pipeline.")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one parameter for this run (YAML value), repeatable")
+    ap.add_argument("--root", default=".", help="project root holding data/ (default: .)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for s in STAGES:
+        sub.add_parser(s, help=f"run the `{s}` stage (flows/{s}.py)")
+    sub.add_parser("check", help="validate the params file and exit")
+    return ap
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from thinair.datasets import DatasetUnavailable
+    from thinair.generator import GeneratorUnavailable
+    from thinair.stage import StageInputMissing
+    from thinair.tasks.invert import NonFiniteLoss
+
+    return (DatasetUnavailable, GeneratorUnavailable, StageInputMissing, NonFiniteLoss, ValueError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        params = load_params(args.params, args.set)
+    except ParamsError as err:
+        print(f"thinair: invalid parameters\n{err}", file=sys.stderr)
+        return EXIT_PARAMS
+    if args.command == "check":
+        print(f"{args.params}: OK")
+        return 0
+    from thinair.orchestration import configure, task_runner
+
+    configure(args.root)
+    logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    module = importlib.import_module(f"thinair.flows.{args.command}")
+    flow = getattr(module, f"{args.command}_flow").with_options(task_runner=task_runner(params.base.workers))
+    t0 = time.time()
+    try:
+        result = flow(params=params, root=args.root)
+    except _known_errors() as err:
+        print(f"thinair {args.command}: failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"thinair {args.command}: done in {time.time() - t0:.1f}s")
+    if isinstance(result, dict):
+        brief = {k: v for k, v in result.items() if not isinstance(v, (list, dict)) or len(str(v)) < 300}
+        print(brief)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
