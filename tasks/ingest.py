@@ -47,7 +47,7 @@ def ingest(params: Params, root: str | Path = ".") -> dict:
     """Load, limit and shard the dataset; return the manifest."""
     b, p = params.base, params.ingest
     raw = datasets.load(b.dataset, b.data_root, test_fraction=p.test_fraction, download=p.download,
-                        image_size=p.image_size, corrupt=p.corrupt, split_seed=b.seed)
+                        image_size=p.image_size, corrupt=p.corrupt)
     keep = limit_per_class(raw.train_labels, p.per_class_limit, p.limit, b.seed)
     raw.train_images, raw.train_labels = raw.train_images[keep], raw.train_labels[keep]
     validate(raw, b.dataset)

@@ -11,6 +11,7 @@ chunks come from the chunk cache.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -81,7 +82,7 @@ def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, gen: torch.G
         if step % p.checkpoint_every == 0 or step == p.steps:
             ckpts[step] = emb.detach().cpu().clone()
             if on_checkpoint is not None and step < p.steps:
-                on_checkpoint(step, {"embeddings": emb.detach().cpu(), "opt": opt.state_dict(),
+                on_checkpoint(step, {"embeddings": emb.detach().cpu().clone(), "opt": copy.deepcopy(opt.state_dict()),
                                      "rng": gen.get_state(), "ckpts": {str(k): v for k, v in ckpts.items()},
                                      "losses": json.dumps(losses), "step": step})
     return emb.detach().cpu(), ckpts, losses

@@ -24,7 +24,7 @@ from thinair.config import Params
 from thinair.generator import build_unet, build_vae, sd_scheduler_config, save_generator
 from thinair.images import to_model
 from thinair.orchestration import task_options
-from thinair.stage import read_split
+from thinair import datasets
 
 log = logging.getLogger(__name__)
 
@@ -118,40 +118,40 @@ def train_unet(latents: torch.Tensor, labels: torch.Tensor, n_classes: int, p, g
 
 
 def pretrain(params: Params, root: str | Path = ".") -> dict:
-    """Train VAE then UNet on the train split; save the generator; return its training log."""
-    b, p = params.base, params.pretrain
+    """Train VAE then UNet on the train split of `pretrain.dataset`; save the generator; return its log."""
+    p = params.pretrain
     if p.threads:
         torch.set_num_threads(p.threads)
     t0 = time.time()
-    train = read_split("train", root)
-    x = to_model(train.images, b.gen_resolution)  # (N, 3, R, R)
-    if b.gen_resolution % 2 ** (len(p.vae_channels) - 1):
-        raise ValueError(f"base.gen_resolution={b.gen_resolution} is not divisible by the VAE factor "
+    if p.resolution % 2 ** (len(p.vae_channels) - 1):
+        raise ValueError(f"pretrain.resolution={p.resolution} is not divisible by the VAE factor "
                          f"{2 ** (len(p.vae_channels) - 1)} of pretrain.vae_channels")
+    train = datasets.load(p.dataset, params.base.data_root, download=params.ingest.download)  # train split only
+    x = to_model(train.train_images, p.resolution)  # (N, 3, R, R)
+    labels = torch.from_numpy(train.train_labels)
     work = paths.work_dir("pretrain", root)
-    key = io.seed_for(params.base.model_dump_json(), p.model_dump_json(), x.shape)
+    key = io.seed_for(p.model_dump_json(), x.shape)
     vae_dir = work / f"vae-{key:x}"
-    gen = torch.Generator().manual_seed(io.seed_for(b.seed, "pretrain"))
+    gen = torch.Generator().manual_seed(io.seed_for(p.seed, "pretrain"))
     if (vae_dir / "config.json").is_file():
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
         vae_losses = io.read_json(vae_dir / "losses.json")
-        gen.manual_seed(io.seed_for(b.seed, "pretrain-unet"))
+        gen.manual_seed(io.seed_for(p.seed, "pretrain-unet"))
     else:
         vae, vae_losses = train_vae(x, p, gen)
         vae.save_pretrained(str(vae_dir))
         io.write_json(vae_dir / "losses.json", vae_losses)
-        gen.manual_seed(io.seed_for(b.seed, "pretrain-unet"))
+        gen.manual_seed(io.seed_for(p.seed, "pretrain-unet"))
     with torch.no_grad():
         lat = torch.cat([vae.encode(x[s:s + 256]).latent_dist.mean for s in range(0, len(x), 256)])
         lat = lat * vae.config.scaling_factor  # (N, 4, h, w), unit variance
-    unet, tokens, unet_losses = train_unet(lat, torch.from_numpy(train.labels), len(train.class_names), p, gen,
-                                           ckpt=work / f"unet-{key:x}.pt")
-    out = Path(root) / b.generator
+    unet, tokens, unet_losses = train_unet(lat, labels, len(train.class_names), p, gen, ckpt=work / f"unet-{key:x}.pt")
+    out = Path(root) / p.output
     train_log = {"vae": vae_losses, "unet": unet_losses, "seconds": round(time.time() - t0, 1),
                  "train_images": int(len(x)), "class_names": train.class_names,
-                 "params": {"base": b.model_dump(), "pretrain": p.model_dump()}}
+                 "params": {"pretrain": p.model_dump()}}
     tmp = out.with_name(out.name + ".tmp")
     import shutil
 

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(args.root)
     logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     module = importlib.import_module(f"thinair.flows.{args.command}")
     flow = getattr(module, f"{args.command}_flow").with_options(task_runner=task_runner(params.base.workers))
     t0 = time.time()

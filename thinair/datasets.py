@@ -26,6 +26,8 @@ EXPECTED_FILES = {
     "imagenette": "imagenette2.tgz (or its extracted imagenette2/)",
     "eurosat": "eurosat/2750/<class>/*.jpg (EuroSAT RGB)",
 }
+DIGITS_TEST_FRACTION = 0.2
+SPLIT_SEED = 0  # splits we make are fixed, independent of base.seed
 IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -48,11 +50,11 @@ def dataset_names() -> list[str]:
 
 
 def load(name: str, root: str | Path, *, test_fraction: float = 0.2, download: bool = True,
-         image_size: int | None = None, corrupt: str = "skip", split_seed: int = 0) -> RawDataset:
+         image_size: int | None = None, corrupt: str = "skip", split_seed: int = SPLIT_SEED) -> RawDataset:
     """Load dataset `name` from `root` (downloading if allowed and possible)."""
     root = Path(root).expanduser()
     if name == "digits":
-        return _digits(test_fraction, split_seed)
+        return _digits()
     if name in TORCHVISION:
         return _torchvision(name, root, download, test_fraction, image_size, split_seed)
     if name in MEDMNIST:
@@ -80,13 +82,15 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _digits(test_fraction: float, seed: int) -> RawDataset:
+def _digits() -> RawDataset:
+    """The embedded default: a *fixed* stratified 80/20 split, so the embedded generator (trained on the
+    train part) never saw a test image whatever the other params say."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[..., None]  # (1797, 8, 8, 1)
     labels = d.target.astype(np.int64)
-    tr, te = stratified_split(labels, test_fraction, seed)
+    tr, te = stratified_split(labels, DIGITS_TEST_FRACTION, SPLIT_SEED)
     return RawDataset(images[tr], labels[tr], images[te], labels[te], [str(c) for c in d.target_names])
 
 
