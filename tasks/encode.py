@@ -18,7 +18,7 @@ from thinair.config import Params
 from thinair.generator import cached_generator, chunk_device
 from thinair.images import to_model
 from thinair.orchestration import task_options
-from thinair.stage import ChunkCache, Split, chunk_ranges, content_key, publish, read_split
+from thinair.stage import ChunkCache, Split, chunk_ranges, clean_dir, content_key, publish, read_split
 
 STAGE = "encode"
 
@@ -51,7 +51,8 @@ def encode_chunk(params: Params, chunk: int, train: Split, root: str | Path = ".
     key = content_key(STAGE, gen.identity, b.gen_resolution, p.interpolation, train.images[s:e])
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
-    if hit is None:
+    cached = hit is not None
+    if not cached:
         post = encode_images(gen.vae, train.images[s:e], b.gen_resolution, p.interpolation, p.batch_size, device)
         tmp = cache.dir / key / (name + ".part")
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,7 @@ def encode_chunk(params: Params, chunk: int, train: Split, root: str | Path = ".
                                      "index": torch.arange(s, e, dtype=torch.int64)})
         hit = cache.put(key, name, tmp)
     publish(hit, paths.stage_dir(STAGE, root) / name)
-    return {"file": name, "start": s, "end": e, "key": key, "cached": hit is not None}
+    return {"file": name, "start": s, "end": e, "key": key, "cached": cached}
 
 
 def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dict:
@@ -68,8 +69,6 @@ def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dic
     manifest = {"generator": gen.identity, "scaling_factor": gen.scaling_factor, "vae_factor": gen.vae_factor,
                 "resolution": params.base.gen_resolution, "chunks": [{k: r[k] for k in ("file", "start", "end")}
                                                                       for r in records]}
-    from thinair.stage import clean_dir
-
     clean_dir(out, {r["file"] for r in records} | {io.MANIFEST})
     io.write_json(out / io.MANIFEST, manifest)
     return manifest

@@ -85,6 +85,7 @@ def report(params: Params, root: str | Path = ".") -> Path:
     cas = io.read_json(require(paths.stage_dir("cas", root) / "cas.json", "cas"))
     losses = io.read_json(require(paths.stage_dir("invert", root) / "losses.json", "invert"))
     sample_manifest = io.read_json(paths.stage_dir("sample", root) / io.MANIFEST)
+    sp = sample_manifest["params"]
     grid = class_grid(train.images, train.labels, syn_x, syn_y, len(train.class_names), p.images_per_class,
                       p.upscale, b.seed)
     out = paths.stage_dir(STAGE, root)
@@ -108,8 +109,8 @@ ol{{columns:5}}</style></head><body>
 <h1>thinair report — Diffusion Inversion on <code>{html.escape(b.dataset)}</code></h1>
 <p>Generator <code>{html.escape(b.generator)}</code>; {len(train.labels)} real train images inverted,
 {sample_manifest['total']} synthetic images ({sample_manifest['variants_per_embedding']} per embedding;
-sampler {html.escape(params.sample.scheduler)}, {params.sample.steps} steps, guidance
-{params.sample.guidance_scales}, noise &lambda;={params.sample.noise}, interpolation &alpha;={params.sample.interpolation}).</p>
+sampler {html.escape(sp['scheduler'])}, {sp['steps']} steps, guidance {sp['guidance_scales']}, checkpoints
+{sp['checkpoints']}, noise &lambda;={sp['noise']}, interpolation &alpha;={sp['interpolation']}).</p>
 <h2>Real (left) vs synthetic (right), one row per class</h2>
 <ol start="0">{labels}</ol>
 <img alt="real vs synthetic grid" src="data:image/png;base64,{img}">

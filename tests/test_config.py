@@ -43,6 +43,8 @@ def test_unknown_key_lists_allowed_keys():
     with pytest.raises(ParamsError) as err:
         parse_params({"invert": {"lr_rate": 0.1}})
     assert "Allowed keys here:" in str(err.value) and "checkpoint_every" in str(err.value)
+    with pytest.raises(ParamsError, match="Did you mean 'checkpoint_every'"):
+        parse_params({"invert": {"checkpoint_evry": 10}})
 
 
 def test_overrides_are_validated(tmp_path):

@@ -7,6 +7,7 @@ allowed. Nothing is written here.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Literal
@@ -165,15 +166,26 @@ class Params(_Section):
         return self
 
 
+def _allowed(loc: tuple) -> list[str]:
+    """Keys allowed beside the unknown key at `loc`."""
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
 def _format(err: ValidationError, source: str) -> str:
     lines = [f"{source}: {err.error_count()} invalid parameter(s):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            section = key.rsplit(".", 1)[0] if "." in key else None
-            model = Params if section is None else Params.model_fields.get(section, None)
-            allowed = sorted((model.annotation if section else Params).model_fields) if model else []
-            lines.append(f"  - {key}: unknown key (value {e['input']!r}). Allowed keys here: {', '.join(allowed)}")
+            allowed = _allowed(e["loc"])
+            close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"  - {key}: unknown key (value {e['input']!r}).{hint} Allowed keys here: {', '.join(allowed)}")
         else:
             lines.append(f"  - {key}: got {e.get('input')!r}; {e['msg']}")
     lines.append("Fix params.yaml (or the -S/--set override) and run again; nothing was written.")
