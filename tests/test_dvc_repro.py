@@ -43,3 +43,11 @@ def test_dvc_repro_runs_the_dag_then_skips_everything(tmp_path):
     again = subprocess.run(["dvc", "repro"], cwd=proj, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "didn't change, skipping" in again.stdout
     assert "Running stage" not in again.stdout and time.time() - t0 < 60
+    # a params typo fails the run with the key named, and the last good outputs stay in place
+    inverted = sorted(p.name for p in (proj / "data" / "invert").iterdir())
+    raw["invert"]["stepz"] = 5
+    raw["invert"]["steps"] = 6
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw))
+    bad = subprocess.run(["dvc", "repro"], cwd=proj, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "invert.stepz: unknown key" in bad.stdout + bad.stderr
+    assert sorted(p.name for p in (proj / "data" / "invert").iterdir()) == inverted

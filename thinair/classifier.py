@@ -99,7 +99,7 @@ def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, floa
     model.to(device).train()
     params = [{"params": [p for n, p in model.named_parameters() if p.ndim > 1], "weight_decay": weight_decay},
               {"params": [p for n, p in model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    opt = (torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True) if optimizer == "sgd"
+    opt = (torch.optim.SGD(params, lr=lr, momentum=momentum) if optimizer == "sgd"
            else torch.optim.AdamW(params, lr=lr))
     per_batch = [max(1, round(batch_size * share)) for _, _, share in sources]
     steps_per_epoch = max(math.ceil(len(x) / k) for (x, _, _), k in zip(sources, per_batch))
