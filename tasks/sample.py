@@ -7,7 +7,9 @@ same class (never c_i), the unconditional context is the mean learned embedding 
 (seed, chunk, index, checkpoint, w, s), so results do not depend on batching. Images are generated at
 ``base.gen_resolution`` and resized to the save resolution. Reads ``data/invert`` and the generator.
 Writes ``data/sample/train-NNNNN.npz`` (``images`` uint8 (M, H, W, C), ``labels``, ``source_index``,
-``checkpoint``, ``guidance``, ``partner_index``) and ``data/sample/manifest.json`` (last).
+``partner_index``, ``checkpoint`` (-1 = final), ``guidance``, ``seed``), ``data/sample/provenance.csv``
+(one row per image: file, row, source, partner, alpha, lambda, guidance, checkpoint, scheduler, steps,
+seed) and ``data/sample/manifest.json`` (last).
 """
 from __future__ import annotations
 
@@ -72,6 +74,18 @@ def perturbed_context(bank: dict, rec: dict, p, gen: torch.Generator) -> torch.T
     return c + p.noise * torch.randn(c.shape, generator=gen)
 
 
+def mean_embeddings(emb: torch.Tensor, labels: torch.Tensor, chunks: torch.Tensor, scope: str) -> torch.Tensor:
+    """The unconditional context of every bank row: the mean embedding of its scope. (N, T, D) -> (N, T, D)."""
+    if scope == "dataset":
+        return emb.mean(0, keepdim=True).expand_as(emb)
+    groups = labels if scope == "class" else chunks
+    out = torch.empty_like(emb)
+    for g in groups.unique():
+        m = groups == g
+        out[m] = emb[m].mean(0)
+    return out
+
+
 @torch.no_grad()
 def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int):
     """Classifier-free guidance sampling; cond/uncond (B, T, D), guidance (B,). Returns x0 latents."""
@@ -96,10 +110,11 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
     save_res = b.save_resolution or h
     device = chunk_device(b.device, chunk)
     gen_model = cached_generator(b.generator, b.revision, str(device))
-    bank_files = sorted(paths.stage_dir("invert", root).glob("train-*.safetensors"))
+    inv_dir = paths.stage_dir("invert", root)
+    bank_files = [inv_dir / f for f in io.read_json(require(inv_dir / io.MANIFEST, "invert"))["chunks"]]
+    # partners and the mean embedding come from every chunk: all of invert's files are inputs
     key = content_key(STAGE, gen_model.identity, p.model_dump(mode="json"), b.seed, chunk, save_res, channels,
-                      b.gen_resolution, inv_file, [io.file_sha256(f) for f in bank_files] if p.uncond == "mean"
-                      or p.interpolation > 0 else None)
+                      b.gen_resolution, inv_file, [io.file_sha256(f) for f in bank_files])
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
     if hit is None:
@@ -107,8 +122,7 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
         rows = torch.nonzero(bank["chunk"] == chunk).flatten().numpy()
         labels = bank["labels"].numpy()
         plan = plan_variants(labels, rows, p, b.seed, chunk)
-        uncond_rows = rows if p.uncond == "chunk_mean" else slice(None)
-        unconds = {c: bank[c][uncond_rows].mean(0) for c in p.checkpoints}  # (T, D): the mean embedding
+        unconds = {c: mean_embeddings(bank[c], bank["labels"], bank["chunk"], p.uncond) for c in p.checkpoints}
         latent = b.gen_resolution // gen_model.vae_factor
         images = []
         for s in range(0, len(plan), p.batch_size):
@@ -116,7 +130,7 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
             gens = [torch.Generator().manual_seed(r["seed"]) for r in recs]
             cond = torch.stack([perturbed_context(bank, r, p, g) for r, g in zip(recs, gens)])
             lat0 = torch.stack([torch.randn(4, latent, latent, generator=g) for g in gens])  # (B, 4, h, w)
-            uncond = torch.stack([unconds[r["ckpt"]] for r in recs])
+            uncond = torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
             w = torch.tensor([r["w"] for r in recs])
             lat = denoise(gen_model.unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
                           uncond.to(device), w.to(device), p.steps)
@@ -131,19 +145,45 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
                     partner_index=np.asarray([bank["index"][r["partner"]].item() if r["partner"] >= 0 else -1
                                               for r in plan], np.int64),
                     checkpoint=np.asarray([ckpt_ids[r["ckpt"]] for r in plan], np.int64),
-                    guidance=np.asarray([r["w"] for r in plan], np.float32))
+                    guidance=np.asarray([r["w"] for r in plan], np.float32),
+                    seed=np.asarray([r["seed"] for r in plan], np.int64))
         hit = cache.put(key, name, tmp)
     publish(hit, paths.stage_dir(STAGE, root) / name)
     return {"file": name, "key": key}
 
 
+PROVENANCE = "provenance.csv"
+
+
+def provenance(params: Params, files: list[str], root: str | Path = ".") -> "pd.DataFrame":
+    """One row per synthetic image: where it is and everything that made it."""
+    import pandas as pd
+
+    p, out, frames = params.sample, paths.stage_dir(STAGE, root), []
+    for f in files:
+        z = io.load_npz(out / f)
+        n = len(z["labels"])
+        alpha = np.where(z["partner_index"] >= 0, p.interpolation, 0.0)
+        frames.append(pd.DataFrame({
+            "file": f, "row": np.arange(n), "label": z["labels"], "source_index": z["source_index"],
+            "partner_index": z["partner_index"], "alpha": alpha, "lambda": p.noise, "guidance": z["guidance"],
+            "checkpoint": z["checkpoint"], "uncond": p.uncond, "scheduler": p.scheduler, "steps": p.steps,
+            "seed": z["seed"]}))
+    return pd.concat(frames, ignore_index=True)
+
+
 def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dict:
     out = paths.stage_dir(STAGE, root)
-    counts = {r["file"]: int(len(io.load_npz(out / r["file"])["labels"])) for r in records}
-    manifest = {"chunks": [r["file"] for r in records], "counts": counts, "total": sum(counts.values()),
+    files = [r["file"] for r in records]
+    table = provenance(params, files, root)
+    with io.atomic_path(out / PROVENANCE) as tmp:
+        table.to_csv(tmp, index=False)
+    counts = table.groupby("file", sort=False).size().to_dict()
+    manifest = {"chunks": files, "counts": {f: int(counts[f]) for f in files}, "total": int(len(table)),
                 "variants_per_embedding": len(params.sample.checkpoints) * len(params.sample.guidance_scales)
-                * params.sample.samples_per_setting, "params": params.sample.model_dump(mode="json")}
-    clean_dir(out, set(counts) | {io.MANIFEST})
+                * params.sample.samples_per_setting, "params": params.sample.model_dump(mode="json"),
+                "provenance": PROVENANCE}
+    clean_dir(out, set(files) | {io.MANIFEST, PROVENANCE})
     io.write_json(out / io.MANIFEST, manifest)
     return manifest
 

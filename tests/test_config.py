@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_params_are_valid_and_name_every_stage():
     p = load_params(ROOT / "params.yaml")
-    assert p.base.dataset == "digits" and p.invert.lr == 0.03 and p.sample.uncond == "mean"
+    assert p.base.dataset == "digits" and p.invert.lr == 0.03 and p.sample.uncond == "dataset"
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(dvc) == ["ingest", "pretrain", "encode", "invert", "sample", "metrics", "cas", "report"]
     for name, stage in dvc.items():

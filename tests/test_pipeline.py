@@ -35,6 +35,12 @@ def test_every_stage_writes_its_outputs(params, tmp_path):
     z = io.load_npz(d / "sample" / "train-00000.npz")
     assert z["images"].shape == (40, 8, 8, 1) and z["images"].dtype == np.uint8
     assert (z["partner_index"] != z["source_index"]).all()  # never interpolates with itself
+    import pandas as pd
+
+    prov = pd.read_csv(d / "sample" / "provenance.csv")
+    assert len(prov) == 80 and set(prov["checkpoint"]) == {2, -1} and prov["seed"].nunique() == 80
+    labels = io.load_npz(d / "ingest" / "train-00000.npz")["labels"]
+    assert (labels[prov["source_index"]] == labels[prov["partner_index"]]).all()
     for k in ("fid", "precision", "recall", "density", "coverage"):
         assert k in json.loads((d / "metrics" / "metrics.json").read_text())["synthetic_vs_train"]
     acc = io.read_json(d / "cas" / "cas.json")["accuracy"]

@@ -6,7 +6,7 @@ import torch
 
 from thinair.config import parse_params
 from thinair.generator import load_generator
-from thinair.tasks.sample import denoise, plan_variants
+from thinair.tasks.sample import denoise, mean_embeddings, plan_variants
 from tests.conftest import tiny_params
 
 
@@ -44,3 +44,11 @@ def test_results_do_not_depend_on_batch_size(tiny_generator, tmp_path):
         run_all(p, tmp_path / str(bs))
         outs.append(io.load_npz(tmp_path / str(bs) / "data" / "sample" / "train-00000.npz")["images"].astype(int))
     assert np.abs(outs[0] - outs[1]).max() <= 1 and np.mean(outs[0] != outs[1]) < 0.01
+
+
+def test_unconditional_context_scopes():
+    emb = torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3).clone()  # rows 0..3
+    labels, chunks = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])
+    assert torch.all(mean_embeddings(emb, labels, chunks, "dataset") == 1.5)
+    assert mean_embeddings(emb, labels, chunks, "class")[:, 0, 0].tolist() == [1.0, 2.0, 1.0, 2.0]
+    assert mean_embeddings(emb, labels, chunks, "chunk")[:, 0, 0].tolist() == [0.5, 0.5, 2.5, 2.5]

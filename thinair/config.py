@@ -109,7 +109,9 @@ class Sample(_Section):
     samples_per_setting: int = Field(5, ge=1, description="Variants per embedding per (checkpoint, guidance).")
     noise: float = Field(0.1, ge=0, description="Gaussian perturbation strength lambda.")
     interpolation: float = Field(0.1, ge=0, le=1, description="Interpolation strength alpha toward a same-class partner.")
-    uncond: Literal["mean", "chunk_mean"] = "mean"
+    uncond: Literal["dataset", "class", "chunk"] = Field(
+        "dataset", description="Unconditional context = mean learned embedding over the dataset (paper), the "
+        "image's class, or its chunk (the reference code's group).")
     scheduler: Literal["ddim", "pndm", "ddpm", "dpmsolver++", "unipc", "euler"] = "ddim"
     steps: int = Field(100, ge=1, le=1000)
     batch_size: int = Field(256, ge=1)
