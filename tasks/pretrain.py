@@ -117,6 +117,25 @@ def train_unet(latents: torch.Tensor, labels: torch.Tensor, n_classes: int, p, g
     return ema.eval(), tokens.detach(), losses
 
 
+def class_samples(unet, vae, tokens: torch.Tensor, per_class: int, resolution: int, guidance: float = 2.0,
+                  steps: int = 50, seed: int = 0) -> torch.Tensor:
+    """Class-conditional samples (classes x per_class, 3, R, R) in [-1, 1], guided against the null context."""
+    from diffusers import DDIMScheduler
+
+    from thinair.tasks.sample import denoise
+
+    n_cls = tokens.shape[0] - 1
+    cond = tokens[:-1].repeat_interleave(per_class, 0)  # (C*k, T, D)
+    uncond = tokens[-1:].expand_as(cond)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    lat = torch.randn(len(cond), 4, resolution // factor, resolution // factor,
+                      generator=torch.Generator().manual_seed(seed))
+    z = denoise(unet, DDIMScheduler.from_config(sd_scheduler_config()), lat, cond, uncond,
+                torch.full((len(cond),), guidance), steps)
+    with torch.no_grad():
+        return vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
 def pretrain(params: Params, root: str | Path = ".") -> dict:
     """Train VAE then UNet on the train split of `pretrain.dataset`; save the generator; return its log."""
     p = params.pretrain
@@ -126,7 +145,7 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
     if p.resolution % 2 ** (len(p.vae_channels) - 1):
         raise ValueError(f"pretrain.resolution={p.resolution} is not divisible by the VAE factor "
                          f"{2 ** (len(p.vae_channels) - 1)} of pretrain.vae_channels")
-    train = datasets.load(p.dataset, params.base.data_root, download=params.ingest.download)  # train split only
+    train = datasets.load(p.dataset, "")  # the bundled digits: needs no data root; train split only
     x = to_model(train.train_images, p.resolution)  # (N, 3, R, R)
     labels = torch.from_numpy(train.train_labels)
     work = paths.work_dir("pretrain", root)
@@ -160,6 +179,11 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
     io.save_tensors(tmp / "class_tokens.safetensors", {"tokens": tokens},
                     metadata={"class_names": json.dumps(train.class_names), "null_index": str(len(train.class_names))})
     io.write_json(tmp / "train_log.json", train_log)
+    from thinair.images import to_uint8
+    from thinair.tasks.report import png_bytes, tile
+
+    grid = to_uint8(class_samples(unet, vae, tokens, 10, p.resolution), p.resolution, 3)
+    io.write_bytes(tmp / "samples.png", png_bytes(tile(grid, 10, 2)))  # one row per class
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return train_log

@@ -32,9 +32,10 @@ def tiny_params(generator: Path, **sections) -> dict:
         "base": {"generator": str(generator), "chunk_size": 20, "gen_resolution": 16, "device": "cpu"},
         "ingest": {"per_class_limit": 4},
         "invert": {"steps": 4, "batch_size": 10, "checkpoint_every": 2, "num_tokens": 2},
-        "sample": {"steps": 2, "samples_per_setting": 1, "batch_size": 16, "checkpoints": [2, "final"]},
+        "sample": {"steps": 2, "samples_per_setting": 1, "batch_size": 16, "checkpoints": [2, "final"],
+                   "scheduler": "ddim"},
         "metrics": {"feature_epochs": 1},
-        "cas": {"epochs": 1},
+        "cas": {"epochs": 1, "model": "smallcnn"},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from thinair.config import parse_params
@@ -52,3 +53,11 @@ def test_unconditional_context_scopes():
     assert torch.all(mean_embeddings(emb, labels, chunks, "dataset") == 1.5)
     assert mean_embeddings(emb, labels, chunks, "class")[:, 0, 0].tolist() == [1.0, 2.0, 1.0, 2.0]
     assert mean_embeddings(emb, labels, chunks, "chunk")[:, 0, 0].tolist() == [0.5, 0.5, 2.5, 2.5]
+
+
+@pytest.mark.parametrize("name", ["ddim", "pndm", "ddpm", "dpmsolver++", "unipc", "euler"])
+def test_every_scheduler_samples(tiny_generator, name):
+    g = load_generator(str(tiny_generator))
+    lat = denoise(g.unet, g.scheduler(name), torch.randn(2, 4, 4, 4), torch.randn(2, 2, 8), torch.zeros(2, 2, 8),
+                  torch.full((2,), 2.0), 4)
+    assert lat.shape == (2, 4, 4, 4) and torch.isfinite(lat).all()

@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     for s in STAGES:
         sub.add_parser(s, help=f"run the `{s}` stage (flows/{s}.py)")
     sub.add_parser("check", help="validate the params file and exit")
+    sub.add_parser("params", help="print every parameter with its default and meaning (markdown)")
     return ap
 
 
@@ -42,6 +43,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "params":
+        from thinair.config import params_table
+
+        print(params_table())
+        return 0
     try:
         params = load_params(args.params, args.set)
     except ParamsError as err:

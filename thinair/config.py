@@ -62,37 +62,39 @@ class Ingest(_Section):
 
 class Pretrain(_Section):
     """The embedded generator. Independent of `base`: switching base.dataset never retrains it."""
-    dataset: str = Field("digits", description="Train split of this dataset (fixed split, no test images).")
+    dataset: Literal["digits"] = Field("digits", description="Trained on this dataset's train split only.")
     output: str = Field("generators/tiny-digits", description="Directory the generator is saved to.")
     resolution: int = Field(16, ge=8, le=256, description="Image resolution the generator is trained at (px).")
-    seed: int = Field(0, ge=0)
-    vae_steps: int = Field(3000, ge=1)
-    unet_steps: int = Field(6000, ge=1)
-    batch_size: int = Field(128, ge=1)
-    vae_lr: float = Field(1e-3, gt=0)
-    unet_lr: float = Field(1e-3, gt=0)
-    kl_weight: float = Field(1e-4, ge=0)
-    num_tokens: int = Field(4, ge=1, description="Class-conditioning tokens of the embedded generator.")
-    cross_attention_dim: int = Field(64, ge=8)
-    vae_channels: list[int] = Field([16, 32, 64], min_length=2)
-    unet_channels: list[int] = Field([32, 64], min_length=2)
-    label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of steps trained unconditionally.")
-    threads: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0, description="Seed of the generator's training.")
+    vae_steps: int = Field(2000, ge=1, description="VAE training steps (MSE + L1 + KL).")
+    unet_steps: int = Field(5000, ge=1, description="UNet training steps (noise MSE, EMA weights kept).")
+    batch_size: int = Field(128, ge=1, description="Images per training step.")
+    vae_lr: float = Field(1e-3, gt=0, description="VAE AdamW learning rate (cosine decay).")
+    unet_lr: float = Field(1e-3, gt=0, description="UNet AdamW learning rate (warm-up + cosine decay).")
+    kl_weight: float = Field(1e-4, ge=0, description="Weight of the VAE's KL term.")
+    num_tokens: int = Field(4, ge=1, description="Class-conditioning tokens.")
+    cross_attention_dim: int = Field(64, ge=8, description="Conditioning width (SD v1: 768).")
+    vae_channels: list[int] = Field([16, 32, 64], min_length=2, description="VAE block widths; factor 2^(n-1).")
+    unet_channels: list[int] = Field([32, 64], min_length=2, description="UNet block widths.")
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of steps trained on the null context.")
+    threads: int | None = Field(None, ge=1, description="CPU threads (null: torch's default).")
 
 
 class Encode(_Section):
-    batch_size: int = Field(64, ge=1)
-    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    batch_size: int = Field(64, ge=1, description="Images per VAE call.")
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = Field(
+        "bicubic", description="Resize to base.gen_resolution (paper: bicubic).")
 
 
 class Invert(_Section):
     num_tokens: int = Field(5, ge=1, le=77, description="Tokens per learned embedding (paper: 5).")
     steps: int = Field(3000, ge=1, description="Optimisation steps per chunk (paper: up to 3000).")
-    batch_size: int = Field(50, ge=1, description="Images of the chunk per step.")
-    lr: float = Field(0.03, gt=0, le=10)
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(1e-2, ge=0)
-    checkpoint_every: int = Field(1000, ge=1, description="Save the embeddings every this many steps (resume point).")
+    batch_size: int = Field(50, ge=1, description="Images of the chunk per step (reference: 50 of 100).")
+    lr: float = Field(0.03, gt=0, le=10, description="AdamW learning rate, constant, no warm-up (paper: 0.03).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (paper: 0.9, 0.999).")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (paper: 0.01).")
+    checkpoint_every: int = Field(1000, ge=1, description="Save the embeddings every this many steps; these are "
+                                  "the resume points and the checkpoints sample can use (paper: 1000).")
 
     @field_validator("betas")
     @classmethod
@@ -103,44 +105,52 @@ class Invert(_Section):
 
 
 class Sample(_Section):
-    checkpoints: list[int | Literal["final"]] = Field(["final"], min_length=1,
-                                                       description="Embedding checkpoints (steps) to sample from.")
-    guidance_scales: list[float] = Field([2.0], min_length=1, description="Classifier-free guidance scales.")
-    samples_per_setting: int = Field(5, ge=1, description="Variants per embedding per (checkpoint, guidance).")
-    noise: float = Field(0.1, ge=0, description="Gaussian perturbation strength lambda.")
-    interpolation: float = Field(0.1, ge=0, le=1, description="Interpolation strength alpha toward a same-class partner.")
+    checkpoints: list[int | Literal["final"]] = Field(
+        ["final"], min_length=1, description="Embedding checkpoints (steps, or final) to sample from (paper: 1000, "
+        "2000, 3000).")
+    guidance_scales: list[float] = Field([2.0], min_length=1, description="Classifier-free guidance scales (paper: 2; "
+                                         "studied 2, 3, 4).")
+    samples_per_setting: int = Field(5, ge=1, description="Variants per embedding per (checkpoint, guidance); "
+                                     "variants per embedding = checkpoints x guidance x this (paper: 45 in all).")
+    noise: float = Field(0.1, ge=0, description="Gaussian perturbation strength lambda (paper: 0.1).")
+    interpolation: float = Field(0.1, ge=0, le=1, description="Interpolation strength alpha toward a random other "
+                                 "embedding of the same class (paper: 0.1).")
     uncond: Literal["dataset", "class", "chunk"] = Field(
         "dataset", description="Unconditional context = mean learned embedding over the dataset (paper), the "
         "image's class, or its chunk (the reference code's group).")
-    scheduler: Literal["ddim", "pndm", "ddpm", "dpmsolver++", "unipc", "euler"] = "ddim"
-    steps: int = Field(100, ge=1, le=1000)
-    batch_size: int = Field(256, ge=1)
+    scheduler: Literal["ddim", "pndm", "ddpm", "dpmsolver++", "unipc", "euler"] = Field(
+        "pndm", description="Sampler (reference: PNDM).")
+    steps: int = Field(100, ge=1, le=1000, description="Denoising steps (paper: 100).")
+    batch_size: int = Field(256, ge=1, description="Images per UNet call (x2 with guidance).")
 
 
 class Metrics(_Section):
-    features: Literal["domain", "inception"] = "domain"
-    k: int = Field(5, ge=1, description="Nearest neighbours for precision/recall/density/coverage.")
+    features: Literal["domain", "inception"] = Field("domain", description="Feature space of the metrics: a "
+                                                     "classifier trained on the real train split (domain).")
+    k: int = Field(5, ge=1, description="Nearest neighbours for precision/recall/density/coverage (Naeem: 5).")
     feature_epochs: int = Field(20, ge=1, description="Epochs of the domain feature classifier.")
     max_samples: int | None = Field(None, ge=2, description="Subsample each set to at most this many.")
 
 
 class Cas(_Section):
-    model: Literal["smallcnn", "resnet18"] = "smallcnn"
-    modes: list[Literal["real", "synthetic", "real+synthetic"]] = ["real", "synthetic", "real+synthetic"]
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    warmup_epochs: int = Field(1, ge=0)
-    crop_padding: int = Field(1, ge=0)
-    flip: bool = False
-    real_fraction: float = Field(0.5, gt=0, lt=1, description="Share of real images per batch in real+synthetic.")
+    model: Literal["smallcnn", "resnet18"] = Field("resnet18", description="Classifier (paper: ResNet-18).")
+    modes: list[Literal["real", "synthetic", "real+synthetic"]] = Field(
+        ["real", "synthetic", "real+synthetic"], description="What the classifier is trained on.")
+    epochs: int = Field(30, ge=1, description="Training epochs.")
+    batch_size: int = Field(128, ge=1, description="Batch size (paper: 128).")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (paper) or adamw (paper, MedMNIST: lr 1e-3).")
+    lr: float = Field(0.1, gt=0, description="Peak learning rate (paper: 0.1 with SGD).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (paper: 0.9).")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (paper: 5e-4).")
+    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up from 0.1 % of lr, then cosine to 0.1 %.")
+    crop_padding: int = Field(4, ge=0, description="Random-crop padding in px (paper: 4 at 32 px).")
+    flip: bool = Field(True, description="Random horizontal flip (paper: on; off for digits).")
+    real_fraction: float = Field(0.5, gt=0, lt=1, description="Share of real images per batch in real+synthetic "
+                                 "(paper's ratios 1:7 .. 7:1 = 0.125 .. 0.875).")
 
 
 class Report(_Section):
-    images_per_class: int = Field(8, ge=1, le=64)
+    images_per_class: int = Field(8, ge=1, le=64, description="Real and synthetic images per class in the grid.")
     upscale: int = Field(4, ge=1, le=16, description="Pixel upscaling of grid thumbnails.")
 
 
@@ -225,3 +235,14 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
             raise ParamsError(f"{path}: section {section!r} is not a mapping")
         raw[section][name] = yaml.safe_load(value)
     return parse_params(raw, str(path))
+
+
+def params_table() -> str:
+    """Markdown table of every parameter: section, key, code default (the paper's where it has one), meaning."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section, field in Params.model_fields.items():
+        for key, f in field.annotation.model_fields.items():
+            default = f.default if f.default is not None else "null"
+            meaning = (f.description or "").replace("|", "\\|")
+            rows.append(f"| `{section}.{key}` | `{default}` | {meaning} |")
+    return "\n".join(rows)
