@@ -25,7 +25,7 @@ from thinair import io, paths
 from thinair.config import Params
 from thinair.generator import cached_generator, chunk_device
 from thinair.orchestration import task_options
-from thinair.stage import ChunkCache, clean_dir, content_key, publish, require
+from thinair.stage import ChunkCache, clean_dir, content_key, publish, require, upstream_chunks
 
 STAGE = "invert"
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dic
 
 
 def chunk_count(root: str | Path = ".") -> int:
-    return len(io.read_json(require(paths.stage_dir("encode", root) / io.MANIFEST, "encode"))["chunks"])
+    return len(upstream_chunks("encode", root))
 
 
 @task(name="invert-chunk", **task_options(retries=2, delay=10))

@@ -36,9 +36,14 @@ def _batches(n: int, batch: int, gen: torch.Generator):
             yield perm[s:s + batch]
 
 
+def norm_groups(channels: list[int]) -> int:
+    """GroupNorm groups that divide every block width (8 for the default widths)."""
+    return min(8, math.gcd(*channels))
+
+
 def train_vae(x: torch.Tensor, p, gen: torch.Generator, log_every: int = 100):
     """x: (N, 3, R, R) in [-1, 1]. Returns the VAE (scaling factor set to 1/std of latents) and losses."""
-    vae = build_vae(x.shape[-1], p.vae_channels)
+    vae = build_vae(x.shape[-1], p.vae_channels, norm_groups=norm_groups(p.vae_channels))
     opt = torch.optim.AdamW(vae.parameters(), lr=p.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.vae_steps, eta_min=p.vae_lr * 0.05)
     losses, batches = [], _batches(len(x), min(p.batch_size, len(x)), gen)
@@ -66,8 +71,9 @@ def train_unet(latents: torch.Tensor, labels: torch.Tensor, n_classes: int, p, g
     """latents: (N, 4, h, w) already scaled. Returns EMA UNet, class tokens (C+1, T, D; last = null), losses."""
     from diffusers import DDPMScheduler
 
-    unet = build_unet(latents.shape[-1], p.unet_channels, p.cross_attention_dim)
-    ema = build_unet(latents.shape[-1], p.unet_channels, p.cross_attention_dim)
+    groups = norm_groups(p.unet_channels)
+    unet = build_unet(latents.shape[-1], p.unet_channels, p.cross_attention_dim, norm_groups=groups)
+    ema = build_unet(latents.shape[-1], p.unet_channels, p.cross_attention_dim, norm_groups=groups)
     tokens = torch.nn.Parameter(torch.randn(n_classes + 1, p.num_tokens, p.cross_attention_dim, generator=gen))
     opt = torch.optim.AdamW(list(unet.parameters()) + [tokens], lr=p.unet_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(

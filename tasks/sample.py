@@ -24,7 +24,7 @@ from thinair.config import Params
 from thinair.generator import cached_generator, chunk_device
 from thinair.images import to_uint8
 from thinair.orchestration import task_options
-from thinair.stage import ChunkCache, clean_dir, content_key, publish, require
+from thinair.stage import ChunkCache, clean_dir, content_key, publish, require, upstream_chunks
 
 STAGE = "sample"
 
@@ -111,7 +111,7 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
     device = chunk_device(b.device, chunk)
     gen_model = cached_generator(b.generator, b.revision, str(device))
     inv_dir = paths.stage_dir("invert", root)
-    bank_files = [inv_dir / f for f in io.read_json(require(inv_dir / io.MANIFEST, "invert"))["chunks"]]
+    bank_files = [inv_dir / f for f in upstream_chunks("invert", root)]
     # partners and the mean embedding come from every chunk: all of invert's files are inputs
     key = content_key(STAGE, gen_model.identity, p.model_dump(mode="json"), b.seed, chunk, save_res, channels,
                       b.gen_resolution, inv_file, [io.file_sha256(f) for f in bank_files])
@@ -189,7 +189,7 @@ def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dic
 
 
 def chunk_count(root: str | Path = ".") -> int:
-    return len(io.read_json(require(paths.stage_dir("invert", root) / io.MANIFEST, "invert"))["chunks"])
+    return len(upstream_chunks("invert", root))
 
 
 @task(name="sample-chunk", **task_options(retries=2, delay=10))

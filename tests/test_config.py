@@ -72,3 +72,12 @@ def test_cli_typo_exits_nonzero_and_touches_nothing(tmp_path, capsys):
 def test_missing_params_file_is_clear(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_readme_lists_every_parameter():
+    from thinair.config import Params
+
+    readme = (ROOT / "README.md").read_text()
+    for section, field in Params.model_fields.items():
+        for key in field.annotation.model_fields:
+            assert f"`{section}.{key}`" in readme, f"README lacks {section}.{key}: paste `thinair params` output"

@@ -47,6 +47,11 @@ def read_split(split: str, root: str | Path = ".") -> Split:
     return Split(np.concatenate(images), np.concatenate(labels), list(manifest["class_names"]))
 
 
+def upstream_chunks(stage: str, root: str | Path = ".") -> list:
+    """The chunk list of an upstream stage's manifest (names or records)."""
+    return io.read_json(require(paths.stage_dir(stage, root) / io.MANIFEST, stage))["chunks"]
+
+
 def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
 
