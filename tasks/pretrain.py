@@ -58,7 +58,7 @@ def train_vae(x: torch.Tensor, p, gen: torch.Generator, log_every: int = 100):
         sched.step()
         if step % log_every == 0 or step == p.vae_steps:
             losses.append({"step": step, "loss": loss.item()})
-            log.info("vae step %d/%d loss %.4f", step, p.vae_steps, float(loss))
+            log.info("vae step %d/%d loss %.4f", step, p.vae_steps, loss.item())
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         mean = torch.cat([vae.encode(x[s:s + 256]).latent_dist.mean for s in range(0, len(x), 256)])
@@ -114,7 +114,7 @@ def train_unet(latents: torch.Tensor, labels: torch.Tensor, n_classes: int, p, g
                 pe.lerp_(pu, 1 - decay)
         if step % log_every == 0 or step == p.unet_steps:
             losses.append({"step": step, "loss": loss.item()})
-            log.info("unet step %d/%d loss %.4f", step, p.unet_steps, float(loss))
+            log.info("unet step %d/%d loss %.4f", step, p.unet_steps, loss.item())
         if ckpt is not None and (step % ckpt_every == 0) and step < p.unet_steps:
             with io.atomic_path(ckpt) as tmp:
                 torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "tokens": tokens.data,
