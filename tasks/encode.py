@@ -8,6 +8,7 @@ Chunks already encoded with the same inputs come from the chunk cache.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, Split, chunk_ranges, clean_dir, content_key, publish, read_split
 
 STAGE = "encode"
+log = logging.getLogger(__name__)
 
 
 def encode_images(vae, images, resolution: int, interpolation: str, batch_size: int, device) -> dict:
@@ -59,6 +61,8 @@ def encode_chunk(params: Params, chunk: int, train: Split, root: str | Path = ".
         io.save_tensors(tmp, post | {"labels": torch.from_numpy(train.labels[s:e]),
                                      "index": torch.arange(s, e, dtype=torch.int64)})
         hit = cache.put(key, name, tmp)
+    else:
+        log.info("%s chunk %d: reused from cache %s (not recomputed)", STAGE, chunk, key)
     publish(hit, paths.stage_dir(STAGE, root) / name)
     return {"file": name, "start": s, "end": e, "key": key, "cached": cached}
 

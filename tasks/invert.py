@@ -120,22 +120,19 @@ def invert_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
         tensors |= {f"step_{k}": v for k, v in sorted(ckpts.items())}
         tmp = cache.dir / key / (name + ".part")
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        io.save_tensors(tmp, tensors, metadata={"losses": json.dumps(losses), "generator": gen_model.identity})
+        io.save_tensors(tmp, tensors, metadata={"losses": losses, "generator": gen_model.identity})
         hit = cache.put(key, name, tmp)
         work.unlink(missing_ok=True)
+    else:
+        log.info("%s chunk %d: reused from cache %s (not recomputed)", STAGE, chunk, key)
     publish(hit, paths.stage_dir(STAGE, root) / name)
     return {"file": name, "key": key}
 
 
 def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dict:
     """Write the loss summary and the manifest; drop stale chunk files."""
-    from safetensors import safe_open
-
     out = paths.stage_dir(STAGE, root)
-    curves = {}
-    for r in records:
-        with safe_open(str(out / r["file"]), "pt") as f:
-            curves[r["file"]] = json.loads(f.metadata()["losses"])
+    curves = {r["file"]: io.load_metadata(out / r["file"])["losses"] for r in records}
     window = max(1, params.invert.steps // 20)
     summary = {f: {"first": sum(l for _, l in c[:window]) / len(c[:window]),
                    "last": sum(l for _, l in c[-window:]) / len(c[-window:])} for f, c in curves.items()}

@@ -183,7 +183,7 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     save_generator(tmp, unet, vae)
     io.save_tensors(tmp / "class_tokens.safetensors", {"tokens": tokens},
-                    metadata={"class_names": json.dumps(train.class_names), "null_index": str(len(train.class_names))})
+                    metadata={"class_names": train.class_names, "null_index": len(train.class_names)})
     io.write_json(tmp / "train_log.json", train_log)
     from thinair.images import to_uint8
     from thinair.tasks.report import png_bytes, tile

@@ -13,6 +13,7 @@ seed) and ``data/sample/manifest.json`` (last).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, clean_dir, content_key, publish, require, upstream_chunks
 
 STAGE = "sample"
+log = logging.getLogger(__name__)
 
 
 def ckpt_key(c) -> str:
@@ -148,6 +150,8 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
                     guidance=np.asarray([r["w"] for r in plan], np.float32),
                     seed=np.asarray([r["seed"] for r in plan], np.int64))
         hit = cache.put(key, name, tmp)
+    else:
+        log.info("%s chunk %d: reused from cache %s (not recomputed)", STAGE, chunk, key)
     publish(hit, paths.stage_dir(STAGE, root) / name)
     return {"file": name, "key": key}
 

@@ -28,6 +28,10 @@ def test_dvc_repro_runs_the_dag_then_skips_everything(tmp_path):
                       pretrain={"vae_steps": 3, "unet_steps": 3, "unet_channels": [8, 16],
                                 "vae_channels": [4, 8, 8], "cross_attention_dim": 8, "num_tokens": 2})
     raw["base"]["generator"] = "generators/tiny-digits"
+    full = yaml.safe_load((ROOT / "params.yaml").read_text())  # DVC needs every listed key present
+    for section, values in raw.items():
+        full[section].update(values)
+    raw = full
     (proj / "params.yaml").write_text(yaml.safe_dump(raw))
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"), PREFECT_HOME=str(tmp_path / "prefect"))

@@ -6,18 +6,7 @@ import json
 import numpy as np
 
 from thinair import io
-from thinair.tasks import cas, encode, ingest, invert, metrics, report, sample
-
-
-def run_all(params, root):
-    ingest.ingest(params, root)
-    train, n = encode.chunks(params, root)
-    encode.finalize(params, [encode.encode_chunk(params, i, train, root) for i in range(n)], root)
-    invert.finalize(params, [invert.invert_chunk(params, i, root) for i in range(invert.chunk_count(root))], root)
-    sample.finalize(params, [sample.sample_chunk(params, i, root) for i in range(sample.chunk_count(root))], root)
-    metrics.metrics(params, root)
-    cas.cas(params, root)
-    return report.report(params, root)
+from tests.stages import run_all
 
 
 def test_every_stage_writes_its_outputs(params, tmp_path):

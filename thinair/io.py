@@ -94,12 +94,26 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
                       "writes it") from err
 
 
-def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Write torch tensors to safetensors atomically."""
+def save_tensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write torch tensors to safetensors atomically, byte-reproducibly.
+
+    `metadata` (any JSON-able dict) is stored as ONE header entry: safetensors keeps metadata in a hash
+    map whose order varies between processes, so several entries would make equal files differ in bytes.
+    """
     from safetensors.torch import save_file
 
+    meta = {"thinair": json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def load_metadata(path: str | Path) -> dict:
+    """The metadata dict written by :func:`save_tensors` (empty if none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["thinair"]) if "thinair" in meta else {}
 
 
 def load_tensors(path: str | Path) -> dict:
