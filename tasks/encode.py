@@ -16,7 +16,7 @@ from prefect import task
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.generator import cached_generator, chunk_device
+from thinair.generator import generator_for
 from thinair.images import to_model
 from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, Split, chunk_ranges, clean_dir, content_key, publish, read_split
@@ -46,11 +46,10 @@ def check_resolution(resolution: int, factor: int) -> None:
 def encode_chunk(params: Params, chunk: int, train: Split, root: str | Path = ".") -> dict:
     b, p = params.base, params.encode
     s, e = chunk_ranges(len(train.labels), b.chunk_size)[chunk]
-    device = chunk_device(b.device, chunk)
-    gen = cached_generator(b.generator, b.revision, str(device))
+    gen, device = generator_for(b, chunk)
     check_resolution(b.gen_resolution, gen.vae_factor)
     name = paths.chunk_name("train", chunk, "safetensors")
-    key = content_key(STAGE, gen.identity, b.gen_resolution, p.interpolation, train.images[s:e])
+    key = content_key(STAGE, gen.identity, b.dtype, b.gen_resolution, p.interpolation, train.images[s:e])
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
     cached = hit is not None
@@ -68,7 +67,7 @@ def encode_chunk(params: Params, chunk: int, train: Split, root: str | Path = ".
 
 
 def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dict:
-    gen = cached_generator(params.base.generator, params.base.revision, "cpu")
+    gen, _ = generator_for(params.base)
     out = paths.stage_dir(STAGE, root)
     manifest = {"generator": gen.identity, "scaling_factor": gen.scaling_factor, "vae_factor": gen.vae_factor,
                 "resolution": params.base.gen_resolution, "chunks": [{k: r[k] for k in ("file", "start", "end")}

@@ -23,7 +23,7 @@ from prefect import task
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.generator import cached_generator, chunk_device
+from thinair.generator import generator_for
 from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, clean_dir, content_key, publish, require, upstream_chunks
 
@@ -96,9 +96,8 @@ def invert_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
     enc_dir = paths.stage_dir("encode", root)
     name = paths.chunk_name("train", chunk, "safetensors")
     enc_file = require(enc_dir / name, "encode")
-    device = chunk_device(b.device, chunk)
-    gen_model = cached_generator(b.generator, b.revision, str(device))
-    key = content_key(STAGE, gen_model.identity, p.model_dump(mode="json"), b.seed, chunk, enc_file)
+    gen_model, device = generator_for(b, chunk)
+    key = content_key(STAGE, gen_model.identity, b.dtype, p.model_dump(mode="json"), b.seed, chunk, enc_file)
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
     if hit is None:

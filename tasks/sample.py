@@ -22,7 +22,7 @@ from prefect import task
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.generator import cached_generator, chunk_device
+from thinair.generator import generator_for
 from thinair.images import to_uint8
 from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, clean_dir, content_key, publish, require, upstream_chunks
@@ -88,16 +88,31 @@ def mean_embeddings(emb: torch.Tensor, labels: torch.Tensor, chunks: torch.Tenso
     return out
 
 
+def unconditional(emb: torch.Tensor, bank: dict, scope: str, base) -> torch.Tensor:
+    """Unconditional context per bank row: (N, T, D), or (N, 77, D) for the empty-prompt ablation."""
+    if scope == "empty_prompt":
+        from thinair.generator import encode_prompts
+
+        return encode_prompts(base.generator, base.revision, [""]).expand(len(emb), -1, -1)
+    return mean_embeddings(emb, bank["labels"], bank["chunk"], scope)
+
+
 @torch.no_grad()
 def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int):
     """Classifier-free guidance sampling; cond/uncond (B, T, D), guidance (B,). Returns x0 latents."""
     scheduler.set_timesteps(steps, device=latents.device)
     lat = latents * scheduler.init_noise_sigma
-    ctx = torch.cat([uncond, cond]).to(unet.dtype)
+    one_call = uncond.shape[1] == cond.shape[1]  # same token count: one batched UNet call for both
+    ctx = torch.cat([uncond, cond]).to(unet.dtype) if one_call else None
     w = guidance.view(-1, 1, 1, 1).to(lat)
     for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(torch.cat([lat, lat]), t)
-        eps_u, eps_c = unet(inp.to(unet.dtype), t, encoder_hidden_states=ctx).sample.float().chunk(2)
+        if one_call:
+            inp = scheduler.scale_model_input(torch.cat([lat, lat]), t).to(unet.dtype)
+            eps_u, eps_c = unet(inp, t, encoder_hidden_states=ctx).sample.float().chunk(2)
+        else:
+            inp = scheduler.scale_model_input(lat, t).to(unet.dtype)
+            eps_u = unet(inp, t, encoder_hidden_states=uncond.to(unet.dtype)).sample.float()
+            eps_c = unet(inp, t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
         lat = scheduler.step(eps_u + w * (eps_c - eps_u), t, lat).prev_sample
     return lat
 
@@ -110,12 +125,11 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
     ingest_manifest = io.read_json(require(paths.stage_dir("ingest", root) / io.MANIFEST, "ingest"))
     h, _, channels = ingest_manifest["image_shape"]
     save_res = b.save_resolution or h
-    device = chunk_device(b.device, chunk)
-    gen_model = cached_generator(b.generator, b.revision, str(device))
+    gen_model, device = generator_for(b, chunk)
     inv_dir = paths.stage_dir("invert", root)
     bank_files = [inv_dir / f for f in upstream_chunks("invert", root)]
     # partners and the mean embedding come from every chunk: all of invert's files are inputs
-    key = content_key(STAGE, gen_model.identity, p.model_dump(mode="json"), b.seed, chunk, save_res, channels,
+    key = content_key(STAGE, gen_model.identity, b.dtype, p.model_dump(mode="json"), b.seed, chunk, save_res, channels,
                       b.gen_resolution, inv_file, [io.file_sha256(f) for f in bank_files])
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
@@ -124,7 +138,7 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
         rows = torch.nonzero(bank["chunk"] == chunk).flatten().numpy()
         labels = bank["labels"].numpy()
         plan = plan_variants(labels, rows, p, b.seed, chunk)
-        unconds = {c: mean_embeddings(bank[c], bank["labels"], bank["chunk"], p.uncond) for c in p.checkpoints}
+        unconds = {c: unconditional(bank[c], bank, p.uncond, b) for c in p.checkpoints}
         latent = b.gen_resolution // gen_model.vae_factor
         images = []
         for s in range(0, len(plan), p.batch_size):

@@ -61,3 +61,55 @@ def test_every_scheduler_samples(tiny_generator, name):
     lat = denoise(g.unet, g.scheduler(name), torch.randn(2, 4, 4, 4), torch.randn(2, 2, 8), torch.zeros(2, 2, 8),
                   torch.full((2,), 2.0), 4)
     assert lat.shape == (2, 4, 4, 4) and torch.isfinite(lat).all()
+
+
+def _with_text_encoder(tiny_generator, dst):
+    """Copy the tiny generator and add a tiny random CLIP text encoder + a minimal real tokenizer."""
+    import json
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    shutil.copytree(tiny_generator, dst)
+    (dst / "tokenizer").mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "digit</w>": 3}
+    (dst / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (dst / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(dst / "tokenizer" / "vocab.json"), str(dst / "tokenizer" / "merges.txt")).save_pretrained(
+        str(dst / "tokenizer"))
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=4, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                                 eos_token_id=1, pad_token_id=1)).save_pretrained(str(dst / "text_encoder"))
+    return dst
+
+
+def test_empty_prompt_unconditional_ablation(tiny_generator, tmp_path):
+    from tests.stages import run_all
+    from thinair import io
+    from thinair.generator import encode_prompts
+
+    gen = _with_text_encoder(tiny_generator, tmp_path / "gen")
+    assert encode_prompts(str(gen), None, [""]).shape == (1, 77, 8)
+    p = parse_params(tiny_params(gen, sample={"uncond": "empty_prompt"}))
+    run_all(p, tmp_path / "proj", ("ingest", "encode", "invert", "sample"))
+    z = io.load_npz(tmp_path / "proj" / "data" / "sample" / "train-00000.npz")
+    ref = parse_params(tiny_params(gen))
+    run_all(ref, tmp_path / "ref", ("ingest", "encode", "invert", "sample"))
+    z_ref = io.load_npz(tmp_path / "ref" / "data" / "sample" / "train-00000.npz")
+    assert z["images"].shape == z_ref["images"].shape and not np.array_equal(z["images"], z_ref["images"])
+
+
+def test_empty_prompt_without_text_encoder_is_a_clear_error(tiny_generator):
+    from thinair.generator import GeneratorUnavailable, encode_prompts
+
+    with pytest.raises(GeneratorUnavailable, match="has no text_encoder/ and tokenizer/"):
+        encode_prompts(str(tiny_generator), None, [""])
+
+
+def test_different_token_counts_take_two_unet_calls(tiny_generator):
+    g = load_generator(str(tiny_generator))
+    lat, cond = torch.randn(2, 4, 4, 4), torch.randn(2, 2, 8)
+    long_uncond = torch.randn(2, 7, 8)
+    out = denoise(g.unet, g.scheduler("ddim"), lat, cond, long_uncond, torch.full((2,), 2.0), 3)
+    assert out.shape == lat.shape and torch.isfinite(out).all()

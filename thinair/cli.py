@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(s, help=f"run the `{s}` stage (flows/{s}.py)")
     sub.add_parser("check", help="validate the params file and exit")
     sub.add_parser("params", help="print every parameter with its default and meaning (markdown)")
+    pre = sub.add_parser("preset", help="the paper's settings for a dataset, as a `dvc exp run` command")
+    pre.add_argument("name", help="cifar10, cifar100, stl10, imagenette, eurosat, pathmnist, dermamnist, "
+                     "bloodmnist, retinamnist")
+    pre.add_argument("--run", action="store_true", help="run the experiment now (dvc exp run)")
     return ap
 
 
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(params_table())
         return 0
+    if args.command == "preset":
+        return _preset(args)
     try:
         params = load_params(args.params, args.set)
     except ParamsError as err:
@@ -74,6 +80,25 @@ def main(argv: list[str] | None = None) -> int:
         brief = {k: v for k, v in result.items() if not isinstance(v, (list, dict)) or len(str(v)) < 300}
         print(brief)
     return 0
+
+
+def _preset(args) -> int:
+    """Print (or run) `dvc exp run -S ...` for a preset, after validating the resulting params."""
+    import shlex
+    import subprocess
+
+    from thinair.presets import set_args
+
+    try:
+        sets = set_args(args.name)
+        overrides = [sets[i + 1] for i in range(0, len(sets), 2)]
+        load_params(args.params, overrides)  # a preset must validate like any params file
+    except (ValueError, ParamsError) as err:
+        print(f"thinair preset: {err}", file=sys.stderr)
+        return EXIT_PARAMS
+    cmd = ["dvc", "exp", "run", "-n", f"paper-{args.name}"] + sets
+    print(shlex.join(cmd))
+    return subprocess.call(cmd) if args.run else 0
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ class Base(_Section):
     gen_resolution: int = Field(16, ge=8, le=1024, description="Resolution (px) images are encoded and generated at.")
     save_resolution: int | None = Field(None, ge=4, le=1024, description="Resolution of saved synthetic images; "
                                         "null = the dataset's native resolution.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Weights/activations of the generator; float16/bfloat16 on GPUs (embeddings and "
+        "their optimiser stay float32).")
     chunk_size: int = Field(100, ge=1, description="Images per encode/invert/sample chunk (the unit of resume).")
     workers: int = Field(1, ge=1, le=64, description="Chunk tasks run at once (one per device).")
 
@@ -115,9 +118,10 @@ class Sample(_Section):
     noise: float = Field(0.1, ge=0, description="Gaussian perturbation strength lambda (paper: 0.1).")
     interpolation: float = Field(0.1, ge=0, le=1, description="Interpolation strength alpha toward a random other "
                                  "embedding of the same class (paper: 0.1).")
-    uncond: Literal["dataset", "class", "chunk"] = Field(
+    uncond: Literal["dataset", "class", "chunk", "empty_prompt"] = Field(
         "dataset", description="Unconditional context = mean learned embedding over the dataset (paper), the "
-        "image's class, or its chunk (the reference code's group).")
+        "image's class, or its chunk (the reference code's group); empty_prompt = the text encoder's embedding "
+        "of \"\" (the paper's ablation; needs a generator with a text encoder).")
     scheduler: Literal["ddim", "pndm", "ddpm", "dpmsolver++", "unipc", "euler"] = Field(
         "pndm", description="Sampler (reference: PNDM).")
     steps: int = Field(100, ge=1, le=1000, description="Denoising steps (paper: 100).")

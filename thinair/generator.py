@@ -188,15 +188,24 @@ def describe(gen: Generator) -> dict:
 
 _LOADED: dict = {}
 _LOCK = __import__("threading").Lock()
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def cached_generator(source: str, revision: str | None, device: str) -> Generator:
-    """One loaded generator per (source, revision, device) per process; chunk tasks share it read-only."""
-    key = (source, revision, str(device))
+def cached_generator(source: str, revision: str | None, device: str, dtype: str = "float32") -> Generator:
+    """One loaded generator per (source, revision, device, dtype) per process; chunk tasks share it read-only."""
+    key = (source, revision, str(device), dtype)
     with _LOCK:
         if key not in _LOADED:
-            _LOADED[key] = load_generator(source, revision, device)
+            _LOADED[key] = load_generator(source, revision, device, DTYPES[dtype])
         return _LOADED[key]
+
+
+def generator_for(base, chunk: int = 0) -> tuple[Generator, torch.device]:
+    """The generator and device a chunk runs with, from the `base` params."""
+    device = chunk_device(base.device, chunk)
+    if base.dtype != "float32" and device.type == "cpu":
+        raise GeneratorUnavailable(f"base.dtype={base.dtype!r} is for GPUs; on the CPU use float32")
+    return cached_generator(base.generator, base.revision, str(device), base.dtype), device
 
 
 def chunk_device(device: str, chunk: int) -> torch.device:
@@ -205,3 +214,33 @@ def chunk_device(device: str, chunk: int) -> torch.device:
     if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
         return torch.device("cuda", chunk % torch.cuda.device_count())
     return dev
+
+
+def encode_prompts(source: str, revision: str | None, prompts: list[str], device="cpu",
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """CLIP text embeddings (len(prompts), 77, D) from the generator's own tokenizer + text encoder.
+
+    Used for the paper's ablation (empty-prompt unconditional context). A generator without a text
+    encoder (such as the embedded tiny-digits) raises :class:`GeneratorUnavailable` saying so.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(source).expanduser()
+    kw = {"pretrained_model_name_or_path": str(path)} if path.is_dir() else \
+        {"pretrained_model_name_or_path": source, "revision": revision}
+    if path.is_dir() and not ((path / "text_encoder").is_dir() and (path / "tokenizer").is_dir()):
+        raise GeneratorUnavailable(
+            f"base.generator={source!r} has no text_encoder/ and tokenizer/; prompt embeddings (e.g. "
+            "sample.uncond: empty_prompt) need a generator with a text encoder such as "
+            "CompVis/stable-diffusion-v1-4. Use sample.uncond: dataset | class | chunk instead.")
+    try:
+        tok = CLIPTokenizer.from_pretrained(subfolder="tokenizer", **kw)
+        enc = CLIPTextModel.from_pretrained(subfolder="text_encoder", torch_dtype=dtype, **kw).to(device).eval()
+    except (OSError, ValueError) as err:
+        raise GeneratorUnavailable(f"base.generator={source!r}: its tokenizer/text encoder could not be loaded: "
+                                   f"{str(err).splitlines()[0]}") from None
+    length = min(tok.model_max_length, enc.config.max_position_embeddings)  # 77 for SD v1
+    ids = tok(prompts, padding="max_length", max_length=length, truncation=True,
+              return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        return enc(ids).last_hidden_state.float().cpu()  # (P, 77, D)
