@@ -18,7 +18,7 @@ from thinair import classifier, io, paths
 from thinair.config import Params
 from thinair.generator import resolve_device
 from thinair.orchestration import task_options
-from thinair.stage import ChunkCache, content_key, read_split
+from thinair.stage import ChunkCache, content_key, source_hash, read_split
 from thinair.tasks.metrics import read_synthetic
 
 STAGE = "cas"
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def train_mode(params: Params, mode: str, real, syn: tuple[np.ndarray, np.ndarray], test, root=".") -> dict:
     """Train one classifier for `mode` and return its real-test accuracy (cached by content)."""
     p = params.cas
-    key = content_key(STAGE, mode, p.model_dump(mode="json"), params.base.seed, real.images, real.labels,
+    key = content_key(STAGE, source_hash(__name__), mode, p.model_dump(mode="json"), params.base.seed,
+                      real.images, real.labels,
                       syn[0] if mode != "real" else None, syn[1] if mode != "real" else None)
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, "result.json")

@@ -19,7 +19,7 @@ from thinair.config import Params
 from thinair.generator import generator_for
 from thinair.images import to_model
 from thinair.orchestration import task_options
-from thinair.stage import ChunkCache, Split, chunk_ranges, clean_dir, content_key, publish, read_split
+from thinair.stage import ChunkCache, Split, chunk_ranges, clean_dir, content_key, source_hash, publish, read_split
 
 STAGE = "encode"
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ def encode_chunk(params: Params, chunk: int, train: Split, root: str | Path = ".
     gen, device = generator_for(b, chunk)
     check_resolution(b.gen_resolution, gen.vae_factor)
     name = paths.chunk_name("train", chunk, "safetensors")
-    key = content_key(STAGE, gen.identity, b.dtype, b.gen_resolution, p.interpolation, train.images[s:e])
+    key = content_key(STAGE, source_hash(__name__), gen.identity, b.dtype, b.gen_resolution, p.interpolation,
+                      train.images[s:e])
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
     cached = hit is not None

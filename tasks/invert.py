@@ -25,7 +25,7 @@ from thinair import io, paths
 from thinair.config import Params
 from thinair.generator import generator_for
 from thinair.orchestration import task_options
-from thinair.stage import ChunkCache, clean_dir, content_key, publish, require, upstream_chunks
+from thinair.stage import ChunkCache, clean_dir, content_key, source_hash, publish, require, upstream_chunks
 
 STAGE = "invert"
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def invert_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
     name = paths.chunk_name("train", chunk, "safetensors")
     enc_file = require(enc_dir / name, "encode")
     gen_model, device = generator_for(b, chunk)
-    key = content_key(STAGE, gen_model.identity, b.dtype, p.model_dump(mode="json"), b.seed, chunk, enc_file)
+    key = content_key(STAGE, source_hash(__name__), gen_model.identity, b.dtype, p.model_dump(mode="json"),
+                      b.seed, chunk, enc_file)
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
     if hit is None:

@@ -17,7 +17,7 @@ from thinair import classifier, io, paths
 from thinair.config import Params
 from thinair.orchestration import task_options
 from thinair.quality import all_metrics
-from thinair.stage import ChunkCache, content_key, read_split, require
+from thinair.stage import ChunkCache, content_key, source_hash, read_split, require
 
 STAGE = "metrics"
 
@@ -36,7 +36,8 @@ def domain_feature_net(params: Params, train, root: str | Path = "."):
     p = params.metrics
     h, _, c = train.images.shape[1:]
     net = classifier.build("smallcnn", c, len(train.class_names), h)
-    key = content_key(STAGE, "domain", p.feature_epochs, params.base.seed, train.images, train.labels)
+    key = content_key(STAGE, source_hash(__name__), "domain", p.feature_epochs, params.base.seed, train.images,
+                      train.labels)
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, "feature_net.safetensors")
     if hit is not None:
@@ -44,7 +45,8 @@ def domain_feature_net(params: Params, train, root: str | Path = "."):
         return net.eval()
     classifier.train(net, [(classifier.to_tensor(train.images), torch.from_numpy(train.labels), 1.0)],
                      epochs=p.feature_epochs, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
-                     weight_decay=5e-4, warmup_epochs=1, padding=1, flip=False, seed=io.seed_for(params.base.seed, STAGE))
+                     weight_decay=5e-4, warmup_epochs=1, padding=1, flip=False,
+                     seed=io.seed_for(params.base.seed, STAGE))
     tmp = cache.dir / key / "feature_net.safetensors.part"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     save_file(net.state_dict(), str(tmp))

@@ -130,7 +130,6 @@ def class_samples(unet, vae, tokens: torch.Tensor, per_class: int, resolution: i
 
     from thinair.tasks.sample import denoise
 
-    n_cls = tokens.shape[0] - 1
     cond = tokens[:-1].repeat_interleave(per_class, 0)  # (C*k, T, D)
     uncond = tokens[-1:].expand_as(cond)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -25,7 +25,7 @@ from thinair.config import Params
 from thinair.generator import generator_for
 from thinair.images import to_uint8
 from thinair.orchestration import task_options
-from thinair.stage import ChunkCache, clean_dir, content_key, publish, require, upstream_chunks
+from thinair.stage import ChunkCache, clean_dir, content_key, source_hash, publish, require, upstream_chunks
 
 STAGE = "sample"
 log = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
     inv_dir = paths.stage_dir("invert", root)
     bank_files = [inv_dir / f for f in upstream_chunks("invert", root)]
     # partners and the mean embedding come from every chunk: all of invert's files are inputs
-    key = content_key(STAGE, gen_model.identity, b.dtype, p.model_dump(mode="json"), b.seed, chunk, save_res, channels,
+    key = content_key(STAGE, source_hash(__name__), gen_model.identity, b.dtype, p.model_dump(mode="json"), b.seed,
+                      chunk, save_res, channels,
                       b.gen_resolution, inv_file, [io.file_sha256(f) for f in bank_files])
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
@@ -173,7 +174,7 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
 PROVENANCE = "provenance.csv"
 
 
-def provenance(params: Params, files: list[str], root: str | Path = ".") -> "pd.DataFrame":
+def provenance(params: Params, files: list[str], root: str | Path = "."):
     """One row per synthetic image: where it is and everything that made it."""
     import pandas as pd
 

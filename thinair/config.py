@@ -31,7 +31,8 @@ class Base(_Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dataset: str = Field("digits", description="digits | cifar10 | cifar100 | stl10 | imagenette | eurosat | "
                          "pathmnist | dermamnist | bloodmnist | retinamnist | folder:<path>")
-    data_root: str = Field("~/.cache/thinair/datasets", description="Where real datasets are read from / downloaded to.")
+    data_root: str = Field("~/.cache/thinair/datasets",
+                           description="Where real datasets are read from / downloaded to.")
     generator: str = Field("generators/tiny-digits", description="A local diffusers SD directory or a hub id.")
     revision: str | None = Field(None, description="Hub revision of the generator (ignored for local directories).")
     gen_resolution: int = Field(16, ge=8, le=1024, description="Resolution (px) images are encoded and generated at.")

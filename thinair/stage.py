@@ -56,6 +56,13 @@ def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
 
 
+def source_hash(module: str) -> str:
+    """Hash of a module's source file: part of every chunk key, so changed code never reuses old chunks."""
+    import sys
+
+    return io.file_sha256(sys.modules[module].__file__)[:16]
+
+
 def content_key(*parts) -> str:
     """Stable hash of JSON-able parts, numpy arrays and files (by content)."""
     h = hashlib.sha256()
