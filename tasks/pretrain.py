@@ -43,6 +43,7 @@ def norm_groups(channels: list[int]) -> int:
 
 def train_vae(x: torch.Tensor, p, gen: torch.Generator, log_every: int = 100):
     """x: (N, 3, R, R) in [-1, 1]. Returns the VAE (scaling factor set to 1/std of latents) and losses."""
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # module init is seeded too
     vae = build_vae(x.shape[-1], p.vae_channels, norm_groups=norm_groups(p.vae_channels))
     opt = torch.optim.AdamW(vae.parameters(), lr=p.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.vae_steps, eta_min=p.vae_lr * 0.05)
@@ -72,6 +73,7 @@ def train_unet(latents: torch.Tensor, labels: torch.Tensor, n_classes: int, p, g
     from diffusers import DDPMScheduler
 
     groups = norm_groups(p.unet_channels)
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # module init is seeded too
     unet = build_unet(latents.shape[-1], p.unet_channels, p.cross_attention_dim, norm_groups=groups)
     ema = build_unet(latents.shape[-1], p.unet_channels, p.cross_attention_dim, norm_groups=groups)
     tokens = torch.nn.Parameter(torch.randn(n_classes + 1, p.num_tokens, p.cross_attention_dim, generator=gen))

@@ -46,3 +46,11 @@ def test_pretrain_resumes_from_its_unet_checkpoint(tmp_path, caplog):
 def test_pretrain_rejects_resolution_not_divisible_by_vae_factor(tmp_path):
     with pytest.raises(ValueError, match="not divisible by the VAE factor 4"):
         pretrain(parse_params({"pretrain": TINY | {"resolution": 18}}), tmp_path)
+
+
+def test_pretrain_is_reproducible(tmp_path):
+    from thinair.generator import local_identity
+
+    for name in ("a", "b"):
+        pretrain(parse_params({"pretrain": TINY | {"output": name}}), tmp_path / name)
+    assert local_identity(tmp_path / "a" / "a") == local_identity(tmp_path / "b" / "b")
