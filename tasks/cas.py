@@ -37,14 +37,15 @@ def train_mode(params: Params, mode: str, real, syn: tuple[np.ndarray, np.ndarra
         return io.read_json(hit)
     h, _, c = real.images.shape[1:]
     device = resolve_device(params.base.device)
-    net = classifier.build(p.model, c, len(real.class_names), h)
+    seed = io.seed_for(params.base.seed, STAGE, mode)
+    net = classifier.build(p.model, c, len(real.class_names), h, seed)
     real_src = (classifier.to_tensor(real.images), torch.from_numpy(real.labels))
     syn_src = (classifier.to_tensor(syn[0]), torch.from_numpy(syn[1])) if mode != "real" else None
     sources = {"real": lambda: [real_src + (1.0,)], "synthetic": lambda: [syn_src + (1.0,)],
                "real+synthetic": lambda: [real_src + (p.real_fraction,), syn_src + (1 - p.real_fraction,)]}[mode]()
     classifier.train(net, sources, epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer, lr=p.lr,
                      momentum=p.momentum, weight_decay=p.weight_decay, warmup_epochs=p.warmup_epochs,
-                     padding=p.crop_padding, flip=p.flip, seed=io.seed_for(params.base.seed, STAGE, mode),
+                     padding=p.crop_padding, flip=p.flip, seed=seed,
                      device=device, on_epoch=lambda e, l: log.info("cas %s epoch %d/%d loss %.4f", mode, e, p.epochs, l))
     pred = classifier.predict(net.cpu(), classifier.to_tensor(test.images)).numpy()
     per_class = [float((pred[test.labels == k] == k).mean()) for k in range(len(real.class_names))]

@@ -35,7 +35,8 @@ def domain_feature_net(params: Params, train, root: str | Path = "."):
 
     p = params.metrics
     h, _, c = train.images.shape[1:]
-    net = classifier.build("smallcnn", c, len(train.class_names), h)
+    seed = io.seed_for(params.base.seed, STAGE)
+    net = classifier.build("smallcnn", c, len(train.class_names), h, seed)
     key = content_key(STAGE, source_hash(__name__), "domain", p.feature_epochs, params.base.seed, train.images,
                       train.labels)
     cache = ChunkCache(STAGE, root)
@@ -46,7 +47,7 @@ def domain_feature_net(params: Params, train, root: str | Path = "."):
     classifier.train(net, [(classifier.to_tensor(train.images), torch.from_numpy(train.labels), 1.0)],
                      epochs=p.feature_epochs, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
                      weight_decay=5e-4, warmup_epochs=1, padding=1, flip=False,
-                     seed=io.seed_for(params.base.seed, STAGE))
+                     seed=seed)
     tmp = cache.dir / key / "feature_net.safetensors.part"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     save_file(net.state_dict(), str(tmp))

@@ -56,7 +56,9 @@ class ResNet18(nn.Module):
         return self.head(self.features(x))
 
 
-def build(name: str, in_ch: int, n_classes: int, image_size: int) -> nn.Module:
+def build(name: str, in_ch: int, n_classes: int, image_size: int, seed: int = 0) -> nn.Module:
+    """A freshly initialised classifier; the initial weights come from `seed` (reproducible runs)."""
+    torch.manual_seed(seed)
     if name == "smallcnn":
         return SmallCNN(in_ch, n_classes)
     if name == "resnet18":
