@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from thinair.orchestration import configure, task_runner
 
-    configure(args.root)
+    configure()
     logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     module = importlib.import_module(f"thinair.flows.{args.command}")

@@ -8,8 +8,8 @@ text encoder is never loaded: Diffusion Inversion learns the conditioning direct
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +164,7 @@ def build_vae(sample_size: int, channels: list[int], norm_groups: int = 8, scali
         latent_channels=4, norm_num_groups=norm_groups, sample_size=sample_size, scaling_factor=scaling_factor)
 
 
-def save_generator(path: str | Path, unet, vae, extra_files: dict[str, bytes] | None = None) -> None:
+def save_generator(path: str | Path, unet, vae) -> None:
     """Save in the hub Stable Diffusion layout, loadable by :func:`load_generator` and by diffusers'
     ``StableDiffusionPipeline.from_pretrained`` (text encoder / tokenizer / safety checker absent)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
@@ -173,21 +173,10 @@ def save_generator(path: str | Path, unet, vae, extra_files: dict[str, bytes] | 
                                    scheduler=PNDMScheduler.from_config(sd_scheduler_config()), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(path), safe_serialization=True)
-    for name, data in (extra_files or {}).items():
-        (Path(path) / name).write_bytes(data)
-
-
-def describe(gen: Generator) -> dict:
-    n_unet = sum(p.numel() for p in gen.unet.parameters())
-    n_vae = sum(p.numel() for p in gen.vae.parameters())
-    return {"source": gen.source, "identity": gen.identity, "unet_params": n_unet, "vae_params": n_vae,
-            "cross_attention_dim": gen.cross_attention_dim, "vae_factor": gen.vae_factor,
-            "scaling_factor": gen.scaling_factor, "latent_size": int(gen.unet.config.sample_size),
-            "scheduler": json.loads(json.dumps(gen.scheduler_config, default=str))}
 
 
 _LOADED: dict = {}
-_LOCK = __import__("threading").Lock()
+_LOCK = threading.Lock()
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

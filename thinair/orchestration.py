@@ -6,14 +6,13 @@ imported (``configure()``), so every `thinair` command behaves the same without 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 # Errors that no retry can fix: bad params, missing inputs, unusable data or model.
 PERMANENT = ("ParamsError", "StageInputMissing", "DatasetUnavailable", "GeneratorUnavailable", "ValueError",
              "TypeError", "KeyError", "NonFiniteLoss", "FileNotFoundError")
 
 
-def configure(root: str | Path = ".") -> None:
+def configure() -> None:
     """Offline-friendly Prefect defaults; anything the user already set wins."""
     env = os.environ
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
