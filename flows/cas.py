@@ -1,13 +1,22 @@
-"""Flow `cas`: one classifier per training mode, tested on the real test split -> data/cas (tasks/cas.py)."""
+"""Flow `cas`: one task per classifier training (modes x seeds, scaling studies), tested on the real test
+split -> data/cas (tasks/cas.py); publishes the CAS tables as Prefect artifacts."""
 from prefect import flow
 
 from thinair.config import Params
 from thinair.flows._runner import resolve
-from thinair.tasks.cas import cas_mode_task, summarize
+from thinair.orchestration import publish_tables
+from thinair.tasks.cas import cas_job_task, plan, summarize, tables
 
 
 @flow(name="cas")
 def cas_flow(params: Params | None = None, params_path: str = "params.yaml", root: str = ".") -> dict:
     params = resolve(params, params_path)
-    futures = {m: cas_mode_task.submit(params, m, root) for m in params.cas.modes}
-    return summarize(params, {m: f.result() for m, f in futures.items()}, root)
+    futures = [cas_job_task.with_options(task_run_name=_name(j)).submit(params, j, root) for j in plan(params, root)]
+    out = summarize(params, [f.result() for f in futures], root)
+    publish_tables(tables(root))
+    return out
+
+
+def _name(job: dict) -> str:
+    return f"cas-{job['mode']}-seed{job['seed']}" if job["kind"] == "mode" else f"cas-scaling-{job['index']}"
+

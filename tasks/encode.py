@@ -16,7 +16,7 @@ from prefect import task
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.generator import generator_for
+from thinair.generator import generator_for, runtime_key
 from thinair.images import to_model
 from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, Split, chunk_ranges, clean_dir, content_key, source_hash, publish, read_split
@@ -49,7 +49,7 @@ def encode_chunk(params: Params, chunk: int, train: Split, root: str | Path = ".
     gen, device = generator_for(b, chunk)
     check_resolution(b.gen_resolution, gen.vae_factor)
     name = paths.chunk_name("train", chunk, "safetensors")
-    key = content_key(STAGE, source_hash(__name__), gen.identity, b.dtype, b.gen_resolution, p.interpolation,
+    key = content_key(STAGE, source_hash(__name__), gen.identity, runtime_key(b), b.gen_resolution, p.interpolation,
                       train.images[s:e])
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)

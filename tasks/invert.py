@@ -23,7 +23,7 @@ from prefect import task
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.generator import generator_for
+from thinair.generator import generator_for, runtime_key
 from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, clean_dir, content_key, source_hash, publish, require, upstream_chunks
 
@@ -38,6 +38,22 @@ class NonFiniteLoss(FloatingPointError):
 def init_embeddings(n: int, tokens: int, dim: int, gen: torch.Generator) -> torch.Tensor:
     bound = 1.0 / math.sqrt(n)
     return (torch.rand(n, tokens, dim, generator=gen) * 2 - 1) * bound  # (n, T, D)
+
+
+def denoising_loss(unet, noisy, noise, t, ctx) -> torch.Tensor:
+    """The plain noise-prediction MSE of the frozen UNet for contexts `ctx` (B, T, D) on noisy latents (B, 4, h, w).
+
+    The UNet's weights have ``requires_grad=False``, so backward computes only input (embedding) gradients.
+    """
+    pred = unet(noisy, t, encoder_hidden_states=ctx.to(unet.dtype)).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def embedding_grads(unet, noisy, noise, t, ctx) -> torch.Tensor:
+    """d loss / d ctx for one batch (what one inversion step sees): (B, T, D)."""
+    ctx = ctx.detach().clone().requires_grad_(True)
+    denoising_loss(unet, noisy, noise, t, ctx).backward()
+    return ctx.grad
 
 
 def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, gen: torch.Generator, chunk: int,
@@ -70,8 +86,7 @@ def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, gen: torch.G
         z0 = (mean[idx] + std[idx] * eps_z) * scaling  # posterior re-sampled every step, (B, 4, h, w)
         noise = torch.randn(z0.shape, generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
-        pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=emb[idx].to(unet.dtype)).sample
-        loss = F.mse_loss(pred.float(), noise.float())
+        loss = denoising_loss(unet, noise_sched.add_noise(z0, noise, t), noise, t, emb[idx])
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"invert chunk {chunk}: loss is {loss.item()} at step {step}; lower invert.lr "
                                 "or check the generator and the encoded latents")
@@ -97,7 +112,7 @@ def invert_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
     name = paths.chunk_name("train", chunk, "safetensors")
     enc_file = require(enc_dir / name, "encode")
     gen_model, device = generator_for(b, chunk)
-    key = content_key(STAGE, source_hash(__name__), gen_model.identity, b.dtype, p.model_dump(mode="json"),
+    key = content_key(STAGE, source_hash(__name__), gen_model.identity, runtime_key(b), p.model_dump(mode="json"),
                       b.seed, chunk, enc_file)
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)

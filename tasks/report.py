@@ -1,8 +1,9 @@
 """`report`: one self-contained HTML page (opens offline) with real-vs-synthetic grids and metric tables.
 
-Reads ``data/ingest``, ``data/sample``, ``data/invert/losses.json``, ``data/metrics/metrics.json`` and
-``data/cas/cas.json``. Writes ``data/report/index.html`` (images inlined as base64 PNG) and
-``data/report/grid.png`` (all classes, real rows above synthetic rows).
+Reads ``data/ingest``, ``data/sample``, ``data/invert/losses.json``, ``data/metrics/metrics.json``,
+``data/cas/`` (cas.json, scaling CSVs, scaling.png) and, when present, ``benchmarks/steps_sweep.json``
+(the sampler steps-vs-quality sweep, see benchmarks/steps_sweep.py). Writes ``data/report/index.html``
+(images inlined as base64 PNG) and ``data/report/grid.png`` (per class: real images left, synthetic right).
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from prefect import task
 from thinair import io, paths
 from thinair.config import Params
 from thinair.orchestration import task_options
-from thinair.stage import read_split, require
-from thinair.tasks.metrics import read_synthetic
+from thinair.stage import read_split, read_synthetic, require
 
 STAGE = "report"
+SWEEP = Path("benchmarks") / "steps_sweep.json"
+METRIC_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage")
 
 PAPER_CAS = {  # ResNet-18 test accuracy (%), "Training on Thin Air" Table: real / DI only / real + DI
     "cifar10": (95.1, 94.6, 95.2), "cifar100": (77.9, 74.4, 78.0), "stl10": (83.3, 89.0, 90.0),
@@ -77,10 +79,26 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+MODE_INDEX = {"real": 0, "synthetic": 1, "real+synthetic": 2}
+
+
+def sweep_section(path: Path) -> str:
+    """The sampler steps-vs-quality sweep as an HTML table ("" when the sweep was not run)."""
+    if not path.is_file():
+        return ""
+    sweep = io.read_json(path)
+    rows = [[r["scheduler"], r["steps"], r["images_per_s"], r["speedup"], 100 * r["cas"]["mean"],
+             100 * r["cas"]["std"], r["fid"], r["precision"], r["recall"], r["coverage"]] for r in sweep["rows"]]
+    return ("<h2>Sampler steps vs quality</h2>" + _table(
+        ["sampler", "steps", "images/s", "speed-up", "CAS (%)", "± std", "FID", "precision", "recall", "coverage"],
+        rows) + f"<p>{html.escape(sweep['note'])}</p>")
+
+
 def report(params: Params, root: str | Path = ".") -> Path:
     b, p = params.base, params.report
     train = read_split("train", root)
-    syn_x, syn_y = read_synthetic(root)
+    syn = read_synthetic(root)
+    syn_x, syn_y = syn.images, syn.labels
     m = io.read_json(require(paths.stage_dir("metrics", root) / "metrics.json", "metrics"))
     cas = io.read_json(require(paths.stage_dir("cas", root) / "cas.json", "cas"))
     losses = io.read_json(require(paths.stage_dir("invert", root) / "losses.json", "invert"))
@@ -91,12 +109,24 @@ def report(params: Params, root: str | Path = ".") -> Path:
     out = paths.stage_dir(STAGE, root)
     grid_png = png_bytes(grid)
     io.write_bytes(out / "grid.png", grid_png)
-    metric_rows = [[name] + [m[name][k] for k in ("fid", "precision", "recall", "density", "coverage")]
-                   for name in ("synthetic_vs_train", "test_vs_train")]
-    cas_rows = [[mode, 100 * acc] for mode, acc in cas["accuracy"].items()]
+    metric_rows = [[name] + [m[name].get(k, "") for k in METRIC_KEYS] for name in ("synthetic_vs_train", "test_vs_train")]
+    per_class = m.get("per_class", {})
+    class_rows = [[f"{k} {train.class_names[int(k)]}"] + [v.get(key, "") if isinstance(v, dict) else "" for key in METRIC_KEYS]
+                  for k, v in per_class.items()]
     paper = PAPER_CAS.get(b.dataset)
-    if paper:
-        cas_rows = [r + [v] for r, v in zip(cas_rows, paper)]
+    cas_rows = []
+    for i, (mode, acc) in enumerate(cas["accuracy"].items()):
+        row = [mode, f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}", acc["n"]]
+        if "reconstructed_accuracy" in cas:
+            r = cas["reconstructed_accuracy"][mode]
+            row.append(f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}")
+        cas_rows.append(row + ([paper[MODE_INDEX[mode]]] if paper else []))
+    cas_header = ["trained on", "accuracy (%)", "seeds"] + (["on VAE-reconstructed test (%)"]
+                                                             if "reconstructed_accuracy" in cas else [])
+    cas_header += ["paper, ResNet-18 (%)"] if paper else []
+    scaling_png = paths.stage_dir("cas", root) / "scaling.png"
+    scaling_img = base64.b64encode(scaling_png.read_bytes()).decode() if scaling_png.is_file() else ""
+    sweep_html = sweep_section(Path(root) / SWEEP)
     loss_rows = [[f, v["first"], v["last"]] for f, v in losses["chunks"].items()]
     img = base64.b64encode(grid_png).decode()
     labels = " ".join(f"<li>{html.escape(n)}</li>" for n in train.class_names)
@@ -114,12 +144,17 @@ sampler {html.escape(sp['scheduler'])}, {sp['steps']} steps, guidance {sp['guida
 <h2>Real (left) vs synthetic (right), one row per class</h2>
 <ol start="0">{labels}</ol>
 <img alt="real vs synthetic grid" src="data:image/png;base64,{img}">
-<h2>Classification accuracy score (real test split, %)</h2>
-{_table(["trained on", "accuracy (%)"] + (["paper, ResNet-18 (%)"] if paper else []), cas_rows)}
+<h2>Classification accuracy score (real test split, %, mean ± std over seeds)</h2>
+{_table(cas_header, cas_rows)}
 <p>Classifier: {html.escape(cas['model'])}; {cas['test_images']} real test images.</p>
+{f'<h2>Scaling studies (synthetic-only CAS)</h2><img alt="CAS scaling" src="data:image/png;base64,{scaling_img}">'
+ if scaling_img else ""}
 <h2>Distribution metrics ({html.escape(m['features']['kind'])} features, {m['features']['dim']}-d)</h2>
-{_table(["compared", "FID", "precision", "recall", "density", "coverage"], metric_rows)}
+{_table(["compared", "FID", "KID", "precision", "recall", "density", "coverage"], metric_rows)}
 <p><em>test_vs_train</em> is the floor: real held-out images against the real train set.</p>
+{("<h3>Per class: synthetic vs real train</h3>" + _table(["class", "FID", "KID", "precision", "recall", "density",
+                                                          "coverage"], class_rows)) if class_rows else ""}
+{sweep_html}
 <h2>Inversion loss (mean of first / last {losses['window']} steps)</h2>
 {_table(["chunk", "first", "last"], loss_rows)}
 </body></html>

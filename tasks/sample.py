@@ -22,7 +22,7 @@ from prefect import task
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.generator import generator_for
+from thinair.generator import generator_for, runtime_key
 from thinair.images import to_uint8
 from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, clean_dir, content_key, source_hash, publish, require, upstream_chunks
@@ -98,11 +98,14 @@ def unconditional(emb: torch.Tensor, bank: dict, scope: str, base) -> torch.Tens
 
 
 @torch.no_grad()
-def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int):
-    """Classifier-free guidance sampling; cond/uncond (B, T, D), guidance (B,). Returns x0 latents."""
+def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int, batched: bool = True):
+    """Classifier-free guidance sampling; cond/uncond (B, T, D), guidance (B,). Returns x0 latents.
+
+    ``batched``: one UNet call on the stacked uncond/cond batch (needs equal token counts) instead of two.
+    """
     scheduler.set_timesteps(steps, device=latents.device)
     lat = latents * scheduler.init_noise_sigma
-    one_call = uncond.shape[1] == cond.shape[1]  # same token count: one batched UNet call for both
+    one_call = batched and uncond.shape[1] == cond.shape[1]
     ctx = torch.cat([uncond, cond]).to(unet.dtype) if one_call else None
     w = guidance.view(-1, 1, 1, 1).to(lat)
     for t in scheduler.timesteps:
@@ -129,9 +132,9 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
     inv_dir = paths.stage_dir("invert", root)
     bank_files = [inv_dir / f for f in upstream_chunks("invert", root)]
     # partners and the mean embedding come from every chunk: all of invert's files are inputs
-    key = content_key(STAGE, source_hash(__name__), gen_model.identity, b.dtype, p.model_dump(mode="json"), b.seed,
-                      chunk, save_res, channels,
-                      b.gen_resolution, inv_file, [io.file_sha256(f) for f in bank_files])
+    key = content_key(STAGE, source_hash(__name__), gen_model.identity, runtime_key(b), p.model_dump(mode="json"),
+                      b.seed, chunk, save_res, channels, b.gen_resolution, inv_file,
+                      [io.file_sha256(f) for f in bank_files])
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
     if hit is None:
@@ -150,7 +153,7 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
             uncond = torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
             w = torch.tensor([r["w"] for r in recs])
             lat = denoise(gen_model.unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
-                          uncond.to(device), w.to(device), p.steps)
+                          uncond.to(device), w.to(device), p.steps, p.batched_guidance)
             with torch.no_grad():
                 x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
             images.append(to_uint8(x, save_res, channels))

@@ -1,16 +1,36 @@
 """Image classifiers for CAS and for domain features, and their training loop. No file I/O.
 
-`smallcnn` suits tiny images (digits 8 px, MedMNIST 28 px); `resnet18` is torchvision's ResNet-18
-with the CIFAR stem (3x3 conv, no max-pool) for images <= 64 px, as in the paper's protocol.
+Models (`MODELS`, built by `build`), all from torchvision definitions with ``weights=None`` except
+`smallcnn`:
+
+* ``smallcnn`` suits tiny images (digits 8 px, MedMNIST 28 px).
+* ``resnet18``: ResNet-18 with the CIFAR stem (3x3 conv stride 1, no max-pool) for images <= 64 px, as in
+  the paper's protocol.
+* ``vgg16``: ``vgg16_bn`` (the batch-norm variant: plain VGG-16 barely trains from scratch with SGD 0.1).
+* ``mobilenetv2``, ``shufflenetv2`` (x1.0), ``efficientnet_b0``.
+
+For images <= 64 px every torchvision model gets a CIFAR-style stem: the first conv has stride 1, the early
+max-pool is dropped, and (MobileNetV2, EfficientNet-B0) the first stride-2 stage keeps stride 1, so the
+total downsampling is 8 instead of 32. VGG drops its earliest max-pools until the last feature map is at
+least 1x1 (8 px: 3 pools left, 28 px: 4, 32 px: all 5) and ends in global average pooling + one linear
+layer. Every model exposes ``features(x) -> (B, feature_dim)`` and ``forward(x) = head(features(x))``.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
+
+AUGMENTS = ("autoaugment", "randaugment", "augmix", "cutout", "mixup", "cutmix")
+_POLICIES = ("autoaugment", "randaugment", "augmix")  # per-image torchvision v2 ops on uint8 images
+_MIXES = ("mixup", "cutmix")  # batch-level, soft targets
+SMALL = 64  # images up to this side get the CIFAR-style stem
 
 
 class SmallCNN(nn.Module):
@@ -39,7 +59,7 @@ class ResNet18(nn.Module):
         from torchvision.models import resnet18
 
         net = resnet18(weights=None, num_classes=n_classes)
-        if image_size <= 64:  # CIFAR-style stem
+        if image_size <= SMALL:  # CIFAR-style stem
             net.conv1 = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
             net.maxpool = nn.Identity()
         elif in_ch != 3:
@@ -56,14 +76,137 @@ class ResNet18(nn.Module):
         return self.head(self.features(x))
 
 
+class Net(nn.Module):
+    """A torchvision network split into `body` (image -> (B, feature_dim)) and `head` (-> logits)."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, feature_dim: int):
+        super().__init__()
+        self.body, self.head, self.feature_dim = body, head, feature_dim
+
+    def features(self, x):
+        return self.body(x)  # (B, feature_dim)
+
+    def forward(self, x):
+        return self.head(self.features(x))  # (B, n_classes)
+
+
+def _stem(conv: nn.Conv2d, in_ch: int, small: bool, kaiming: bool) -> nn.Conv2d:
+    """The first conv for `in_ch` input channels, with stride 1 when `small`.
+
+    A new conv (initialised like torchvision does for that model when `kaiming`) replaces `conv` when the
+    channel count changes; otherwise only the stride changes, which leaves the weights as built.
+    """
+    if in_ch != conv.in_channels:
+        conv = nn.Conv2d(in_ch, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         bias=conv.bias is not None)
+        if kaiming:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+    if small:
+        conv.stride = (1, 1)
+    return conv
+
+
+def _unstride(module: nn.Module) -> None:
+    """Set stride 1 on every stride-2 conv in `module` (a stage whose first block downsamples)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and m.stride != (1, 1):
+            m.stride = (1, 1)
+
+
+def _pools_that_fit(image_size: int, n: int) -> int:
+    """How many of `n` 2x2 max-pools an `image_size` map survives without dropping below 1x1."""
+    k = 0
+    while k < n and image_size >= 2:
+        image_size //= 2
+        k += 1
+    return k
+
+
+def _vgg16(in_ch: int, n_classes: int, image_size: int) -> Net:
+    from torchvision.models import vgg16_bn
+
+    net = vgg16_bn(weights=None, num_classes=n_classes)
+    feats = net.features
+    feats[0] = _stem(feats[0], in_ch, False, kaiming=True)  # already 3x3 stride 1
+    pools = [i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)]
+    for i in pools[:len(pools) - _pools_that_fit(image_size, len(pools))]:  # drop the earliest ones
+        feats[i] = nn.Identity()
+    if image_size <= SMALL:
+        head = nn.Linear(512, n_classes)
+        nn.init.normal_(head.weight, 0, 0.01)  # torchvision's VGG init for linear layers
+        nn.init.zeros_(head.bias)
+        return Net(nn.Sequential(feats, nn.AdaptiveAvgPool2d(1), nn.Flatten()), head, 512)
+    body = nn.Sequential(feats, net.avgpool, nn.Flatten(), *net.classifier[:-1])  # (B, 4096)
+    return Net(body, net.classifier[-1], 4096)
+
+
+def _mobilenetv2(in_ch: int, n_classes: int, image_size: int) -> Net:
+    from torchvision.models import mobilenet_v2
+
+    net = mobilenet_v2(weights=None, num_classes=n_classes)
+    small = image_size <= SMALL
+    net.features[0][0] = _stem(net.features[0][0], in_ch, small, kaiming=True)
+    if small:
+        _unstride(net.features[2])  # first 24-channel block: total stride 32 -> 8
+    body = nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Net(body, net.classifier, net.last_channel)
+
+
+def _shufflenetv2(in_ch: int, n_classes: int, image_size: int) -> Net:
+    from torchvision.models import shufflenet_v2_x1_0
+
+    net = shufflenet_v2_x1_0(weights=None, num_classes=n_classes)
+    small = image_size <= SMALL
+    net.conv1[0] = _stem(net.conv1[0], in_ch, small, kaiming=False)  # torchvision keeps default init here
+    if small:
+        net.maxpool = nn.Identity()  # total stride 32 -> 8
+    body = nn.Sequential(net.conv1, net.maxpool, net.stage2, net.stage3, net.stage4, net.conv5,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Net(body, net.fc, net.fc.in_features)
+
+
+def _efficientnet_b0(in_ch: int, n_classes: int, image_size: int) -> Net:
+    from torchvision.models import efficientnet_b0
+
+    net = efficientnet_b0(weights=None, num_classes=n_classes)
+    small = image_size <= SMALL
+    net.features[0][0] = _stem(net.features[0][0], in_ch, small, kaiming=True)
+    if small:
+        _unstride(net.features[2])  # first 24-channel stage: total stride 32 -> 8
+    body = nn.Sequential(net.features, net.avgpool, nn.Flatten())
+    return Net(body, net.classifier, net.classifier[-1].in_features)
+
+
+_BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "smallcnn": lambda c, n, s: SmallCNN(c, n),
+    "resnet18": ResNet18,
+    "vgg16": _vgg16,
+    "mobilenetv2": _mobilenetv2,
+    "shufflenetv2": _shufflenetv2,
+    "efficientnet_b0": _efficientnet_b0,
+}
+MODELS = tuple(_BUILDERS)
+
+
 def build(name: str, in_ch: int, n_classes: int, image_size: int, seed: int = 0) -> nn.Module:
-    """A freshly initialised classifier; the initial weights come from `seed` (reproducible runs)."""
+    """A freshly initialised classifier; the initial weights come from `seed` (reproducible runs).
+
+    Args:
+        name: one of `MODELS`.
+        in_ch: image channels (1 or 3).
+        n_classes: number of logits.
+        image_size: image side in px; <= 64 selects the small-image stem (works down to 8 px).
+        seed: seeds torch's global RNG before the weights are drawn.
+
+    Raises:
+        ValueError: `name` is not in `MODELS`.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"cas.model: unknown classifier {name!r}; choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)
-    if name == "smallcnn":
-        return SmallCNN(in_ch, n_classes)
-    if name == "resnet18":
-        return ResNet18(in_ch, n_classes, image_size)
-    raise ValueError(f"cas.model: unknown classifier {name!r}")
+    return _BUILDERS[name](in_ch, n_classes, image_size)
 
 
 def to_tensor(images: np.ndarray, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
@@ -71,8 +214,17 @@ def to_tensor(images: np.ndarray, mean: float = 0.5, std: float = 0.5) -> torch.
     return (torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
 
-def augment(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding (+ optional horizontal flip), per image; x (B, C, H, W)."""
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_tensor`'s default normalisation: float (B, C, H, W) -> uint8 (B, C, H, W)."""
+    return ((x * 0.5 + 0.5) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def _from_uint8(u: torch.Tensor) -> torch.Tensor:
+    return (u.float() / 255.0 - 0.5) / 0.5
+
+
+def crop_flip(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with padding by the batch minimum (+ optional horizontal flip), per image; x (B, C, H, W)."""
     if padding:
         b, _, h, w = x.shape
         xp = F.pad(x, (padding,) * 4, value=float(x.min()))
@@ -88,32 +240,211 @@ def augment(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> 
     return x
 
 
-def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, float]], *, epochs: int,
-          batch_size: int, optimizer: str, lr: float, momentum: float, weight_decay: float, warmup_epochs: int,
-          padding: int, flip: bool, seed: int, device="cpu", on_epoch=None) -> nn.Module:
-    """Train on one or more (x, y, share) sources; each batch takes `share` of its images from each.
+augment = crop_flip  # the former name of `crop_flip`, kept for callers
 
-    An epoch is as many batches as the largest source needs to be seen once at its share.
-    Schedule: linear warm-up then cosine decay to 0.1 % of lr (the paper's protocol).
+
+def check_augment(names) -> tuple[str, ...]:
+    """Validate augmentation names; a single string counts as one name.
+
+    Raises:
+        ValueError: a name is not in `AUGMENTS`.
     """
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model.to(device).train()
-    params = [{"params": [p for n, p in model.named_parameters() if p.ndim > 1], "weight_decay": weight_decay},
-              {"params": [p for n, p in model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    opt = (torch.optim.SGD(params, lr=lr, momentum=momentum) if optimizer == "sgd"
-           else torch.optim.AdamW(params, lr=lr))
-    per_batch = [max(1, round(batch_size * share)) for _, _, share in sources]
-    steps_per_epoch = max(math.ceil(len(x) / k) for (x, _, _), k in zip(sources, per_batch))
-    total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    names = (names,) if isinstance(names, str) else tuple(names)
+    unknown = [n for n in names if n not in AUGMENTS]
+    if unknown:
+        raise ValueError(f"cas.augment: unknown augmentation(s) {unknown}; choose from {', '.join(AUGMENTS)}")
+    return names
+
+
+def make_policy(names) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torchvision v2 AutoAugment (CIFAR-10 policy) / RandAugment / AugMix, composed in that order.
+
+    They act on one uint8 (C, H, W) image, C = 1 or 3 (v2 supports grayscale: colour ops leave it as is).
+    None when `names` selects none of them.
+    """
+    from torchvision.transforms import v2
+
+    ops = {"autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+           "randaugment": v2.RandAugment, "augmix": v2.AugMix}
+    chosen = [ops[n]() for n in _POLICIES if n in names]
+    return v2.Compose(chosen) if chosen else None
+
+
+def apply_policy(x: torch.Tensor, policy, gen: torch.Generator) -> torch.Tensor:
+    """Apply `policy` to each image of a normalised float batch x (B, C, H, W); same shape and dtype back.
+
+    torchvision's ops draw from torch's global RNG: they run inside a forked global RNG seeded from `gen`
+    (one draw per batch), so the result depends on `gen` alone and the global RNG is left untouched.
+    The loop runs single-threaded: intra-op threads only slow down ops on tiny images.
+    """
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    u = _to_uint8(x.cpu())  # (B, C, H, W) uint8
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)
+        try:
+            u = torch.stack([policy(img) for img in u])
+        finally:
+            torch.set_num_threads(threads)
+    return _from_uint8(u).to(x.device, x.dtype)
+
+
+def cutout(x: torch.Tensor, gen: torch.Generator, size: int | None = None) -> torch.Tensor:
+    """One square hole per image (DeVries & Taylor 2017), filled with 0 (the normalised mean grey).
+
+    The hole's centre is uniform over the image and the hole is clipped at the borders; `size` defaults to
+    half the smaller image side. x (B, C, H, W).
+    """
+    b, _, h, w = x.shape
+    size = size or max(1, min(h, w) // 2)
+    cy = torch.randint(0, h, (b,), generator=gen) - size // 2  # (B,) top row of the hole
+    cx = torch.randint(0, w, (b,), generator=gen) - size // 2
+    ys, xs = torch.arange(h), torch.arange(w)
+    in_y = (ys[None] >= cy[:, None]) & (ys[None] < cy[:, None] + size)  # (B, H)
+    in_x = (xs[None] >= cx[:, None]) & (xs[None] < cx[:, None] + size)  # (B, W)
+    hole = in_y[:, :, None] & in_x[:, None, :]  # (B, H, W)
+    return x.masked_fill(hole[:, None].to(x.device), 0.0)
+
+
+def mix(x: torch.Tensor, kinds, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """MixUp (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a batch with a random permutation of itself.
+
+    lam ~ Beta(1, 1) = U(0, 1) (torchvision's and both papers' CIFAR default); with both kinds selected each
+    batch picks one with probability 1/2 (torchvision's recipe). All draws come from `gen`.
+
+    Returns:
+        (mixed x (B, C, H, W), permutation (B,), lam): the target is lam * y + (1 - lam) * y[perm];
+        for CutMix lam is the exact share of the image left unpasted.
+    """
+    b, _, h, w = x.shape
+    kinds = [k for k in _MIXES if k in kinds]
+    kind = kinds[int(torch.randint(0, len(kinds), (1,), generator=gen))] if len(kinds) > 1 else kinds[0]
+    lam = float(torch.rand((), generator=gen))
+    perm = torch.randperm(b, generator=gen)
+    if kind == "mixup":
+        return lam * x + (1 - lam) * x[perm], perm, lam
+    ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = int(torch.randint(0, h, (1,), generator=gen)), int(torch.randint(0, w, (1,), generator=gen))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+    return x, perm, 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+def soft_targets(y: torch.Tensor, perm: torch.Tensor, lam: float, n_classes: int) -> torch.Tensor:
+    """lam * one_hot(y) + (1 - lam) * one_hot(y[perm]): (B,) int labels -> (B, n_classes) float."""
+    one_hot = F.one_hot(y, n_classes).float()
+    return lam * one_hot + (1 - lam) * one_hot[perm.to(y.device)]
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only, not on biases and norm parameters."""
+    return [{"params": [p for n, p in model.named_parameters() if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for n, p in model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def _lr_lambda(total: int, warm: int) -> Callable[[int], float]:
+    """Linear warm-up from 0.1 % of lr over `warm` steps, then cosine decay to 0.1 % at `total`."""
 
     def lr_at(step):
         if step < warm:
             return 0.001 + (1 - 0.001) * step / warm
         return 0.001 + (1 - 0.001) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    for epoch in range(epochs):
+    return lr_at
+
+
+def _takes_state(fn) -> bool:
+    """Whether `on_epoch` requires a third positional argument (the checkpoint state) or takes *args.
+
+    Parameters with defaults do not count, so ``lambda e, loss, out=out: ...`` keeps the two-argument call.
+    """
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): the old two-argument call
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params if p.kind in positional and p.default is inspect.Parameter.empty]
+    return len(required) >= 3 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+def _snapshot(epoch: int, epochs: int, steps: int, model, opt, sched, gen, device) -> dict:
+    """Everything needed to continue after `epoch` completed epochs (copies, safe to keep or save)."""
+    state = {"epoch": epoch, "epochs": epochs, "steps_per_epoch": steps,
+             "model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
+             "scheduler": copy.deepcopy(sched.state_dict()), "generator": gen.get_state(),
+             "torch_rng": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore(state: dict, epochs: int, steps: int, model, opt, sched, gen, device) -> int:
+    """Load a `_snapshot` into the training objects; returns the epoch to continue from."""
+    if (state["epochs"], state["steps_per_epoch"]) != (epochs, steps):
+        raise ValueError(f"resume: checkpoint is for {state['epochs']} epochs x {state['steps_per_epoch']} steps, "
+                         f"this run has {epochs} x {steps}")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return state["epoch"]
+
+
+def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, float]], *, epochs: int,
+          batch_size: int, optimizer: str, lr: float, momentum: float, weight_decay: float, warmup_epochs: int,
+          padding: int, flip: bool, seed: int, device="cpu", on_epoch=None, augment: tuple[str, ...] = (),
+          resume: dict | None = None) -> nn.Module:
+    """Train on one or more (x, y, share) sources; each batch takes `share` of its images from each.
+
+    An epoch is as many batches as the largest source needs to be seen once at its share.
+    Schedule: linear warm-up then cosine decay to 0.1 % of lr (the paper's protocol).
+
+    Per batch: crop + flip (`padding`, `flip`), then the `augment` options in this order: AutoAugment /
+    RandAugment / AugMix per image, cutout per image, MixUp or CutMix over the batch (the loss then takes
+    soft targets). x must be normalised as `to_tensor` does by default (mean 0.5, std 0.5) for the uint8 ops.
+
+    Determinism: all data randomness (order, crop, flip, every `augment` option) comes from a generator
+    seeded with `seed`; torch's global RNG is seeded with `seed` too and only the model draws from it
+    (dropout, stochastic depth). With ``augment=()`` the random draws are exactly those of the code before
+    `augment` existed, so default runs are bit-identical to it.
+
+    Args:
+        model: from `build`; trained in place on `device`.
+        sources: (x (N, C, H, W) float, y (N,) int64, share of each batch).
+        epochs: total epochs, also when resuming.
+        augment: names from `AUGMENTS`, combinable.
+        on_epoch: called after each epoch as ``on_epoch(epoch, loss)`` (epoch counts from 1, loss of the last
+            batch), or as ``on_epoch(epoch, loss, state)`` when its signature has a third positional parameter
+            without default (or ``*args``); the state is only built then.
+            `state` is a dict of copies (model, optimizer, LR scheduler, data generator and RNG states, the
+            epoch number) that can be kept or written with ``torch.save``.
+        resume: such a `state`; training continues from the epoch after it and ends with exactly the weights
+            of an uninterrupted run (same arguments; on GPU only as far as its kernels are deterministic).
+            `model` may be freshly built: its weights are replaced.
+
+    Raises:
+        ValueError: unknown `augment` name, or `resume` from a run with other epochs / steps per epoch.
+    """
+    augment = check_augment(augment)
+    policy, mixes = make_policy(augment), [a for a in augment if a in _MIXES]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.to(device).train()
+    opt = (torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum) if optimizer == "sgd"
+           else torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr))
+    per_batch = [max(1, round(batch_size * share)) for _, _, share in sources]
+    steps_per_epoch = max(math.ceil(len(x) / k) for (x, _, _), k in zip(sources, per_batch))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch))
+    start = 0 if resume is None else _restore(resume, epochs, steps_per_epoch, model, opt, sched, gen, device)
+    wants_state = on_epoch is not None and _takes_state(on_epoch)
+    for epoch in range(start, epochs):
         perms = [torch.randperm(len(x), generator=gen) for x, _, _ in sources]
         for step in range(steps_per_epoch):
             xs, ys = [], []
@@ -121,13 +452,25 @@ def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, floa
                 idx = perm[(torch.arange(k) + step * k) % len(x)]
                 xs.append(x[idx])
                 ys.append(y[idx])
-            xb = augment(torch.cat(xs), padding, flip, gen).to(device)
-            loss = F.cross_entropy(model(xb), torch.cat(ys).to(device))
+            xb, yb = crop_flip(torch.cat(xs), padding, flip, gen), torch.cat(ys)  # (B, C, H, W), (B,)
+            if policy is not None:
+                xb = apply_policy(xb, policy, gen)
+            if "cutout" in augment:
+                xb = cutout(xb, gen)
+            mixed = mix(xb, mixes, gen) if mixes else None
+            if mixed is None:
+                loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
+            else:
+                logits = model(mixed[0].to(device))  # (B, n_classes)
+                loss = F.cross_entropy(logits, soft_targets(yb.to(device), mixed[1], mixed[2], logits.shape[1]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-        if on_epoch is not None:
+        if wants_state:
+            on_epoch(epoch + 1, loss.item(),
+                     _snapshot(epoch + 1, epochs, steps_per_epoch, model, opt, sched, gen, device))
+        elif on_epoch is not None:
             on_epoch(epoch + 1, loss.item())
     return model.eval()
 

@@ -43,6 +43,11 @@ class Base(_Section):
         "their optimiser stay float32).")
     chunk_size: int = Field(100, ge=1, description="Images per encode/invert/sample chunk (the unit of resume).")
     workers: int = Field(1, ge=1, le=64, description="Chunk tasks run at once (one per device).")
+    attention: Literal["sdpa", "math"] = Field("sdpa", description="UNet/VAE attention: sdpa = PyTorch's fused "
+                                               "scaled_dot_product_attention (fast path), math = plain matmuls.")
+    channels_last: bool = Field(False, description="Run the UNet and VAE in channels_last memory format (GPU "
+                                "fast path; results equal within float tolerance).")
+    compile: bool = Field(False, description="torch.compile the UNet (GPU fast path; the first call compiles).")
 
     @field_validator("device")
     @classmethod
@@ -126,19 +131,35 @@ class Sample(_Section):
     scheduler: Literal["ddim", "pndm", "ddpm", "dpmsolver++", "unipc", "euler"] = Field(
         "pndm", description="Sampler (reference: PNDM).")
     steps: int = Field(100, ge=1, le=1000, description="Denoising steps (paper: 100).")
-    batch_size: int = Field(256, ge=1, description="Images per UNet call (x2 with guidance).")
+    batch_size: int = Field(256, ge=1, description="Images per UNet call (x2 with guidance) and per VAE decode.")
+    batched_guidance: bool = Field(True, description="Conditional and unconditional passes in one batched UNet "
+                                   "call (fast path) instead of two.")
 
 
 class Metrics(_Section):
-    features: Literal["domain", "inception"] = Field("domain", description="Feature space of the metrics: a "
-                                                     "classifier trained on the real train split (domain).")
+    features: Literal["domain", "inception", "clip"] = Field(
+        "inception", description="Feature space: inception = clean-fid's Inception-V3 (\"clean\" resize; its "
+        "weights file must be present offline), domain = a classifier trained on the real train split (for tiny "
+        "or non-photographic images), clip = the CLIP vision model at metrics.clip_model.")
+    clip_model: str | None = Field(None, description="Local CLIP directory (transformers format) for features: clip.")
     k: int = Field(5, ge=1, description="Nearest neighbours for precision/recall/density/coverage (Naeem: 5).")
     feature_epochs: int = Field(20, ge=1, description="Epochs of the domain feature classifier.")
     max_samples: int | None = Field(None, ge=2, description="Subsample each set to at most this many.")
+    kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged (clean-fid: 100).")
+    kid_subset_size: int = Field(1000, ge=2, description="KID: samples per subset (clean-fid: 1000).")
+    per_class: bool = Field(True, description="Also compute every metric per class.")
+
+    @model_validator(mode="after")
+    def _clip(self) -> "Metrics":
+        if self.features == "clip" and not self.clip_model:
+            raise ValueError("metrics.features: clip needs metrics.clip_model (a local CLIP directory)")
+        return self
 
 
 class Cas(_Section):
-    model: Literal["smallcnn", "resnet18"] = Field("resnet18", description="Classifier (paper: ResNet-18).")
+    model: Literal["smallcnn", "resnet18", "vgg16", "mobilenetv2", "shufflenetv2", "efficientnet_b0"] = Field(
+        "resnet18", description="Classifier, torchvision definitions without pretrained weights (paper: ResNet-18; "
+        "smallcnn for tiny images).")
     modes: list[Literal["real", "synthetic", "real+synthetic"]] = Field(
         ["real", "synthetic", "real+synthetic"], description="What the classifier is trained on.")
     epochs: int = Field(30, ge=1, description="Training epochs.")
@@ -152,6 +173,31 @@ class Cas(_Section):
     flip: bool = Field(True, description="Random horizontal flip (paper: on; off for digits).")
     real_fraction: float = Field(0.5, gt=0, lt=1, description="Share of real images per batch in real+synthetic "
                                  "(paper's ratios 1:7 .. 7:1 = 0.125 .. 0.875).")
+    augment: list[Literal["autoaugment", "randaugment", "augmix", "cutout", "mixup", "cutmix"]] = Field(
+        [], description="Extra training augmentations on top of crop/flip.")
+    seeds: int = Field(3, ge=1, le=20, description="Repeated trainings per mode (different seeds), reported as "
+                       "mean +- std.")
+    reconstructed_test: bool = Field(False, description="Also test on VAE-reconstructed test images (encode + "
+                                     "decode by the generator's VAE): how much the autoencoder alone costs.")
+    scale_synthetic: list[int] = Field([1, 2, 3, 4, 5], description="Scaling study: synthetic-only CAS using this "
+                                       "many variants per embedding (at most all sampled); [] = off.")
+    scale_real: list[float] = Field([0.1, 0.25, 0.5, 1.0], description="Scaling study: CAS using the embeddings "
+                                    "of this fraction of the real train images (synthetic-only, and real-only on "
+                                    "the same images); [] = off.")
+
+    @field_validator("scale_real")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not all(0 < f <= 1 for f in v):
+            raise ValueError("fractions must be in (0, 1]")
+        return v
+
+    @field_validator("scale_synthetic")
+    @classmethod
+    def _counts(cls, v: list[int]) -> list[int]:
+        if not all(n >= 1 for n in v):
+            raise ValueError("counts must be >= 1")
+        return v
 
 
 class Report(_Section):

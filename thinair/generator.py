@@ -180,12 +180,35 @@ _LOCK = threading.Lock()
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def cached_generator(source: str, revision: str | None, device: str, dtype: str = "float32") -> Generator:
-    """One loaded generator per (source, revision, device, dtype) per process; chunk tasks share it read-only."""
-    key = (source, revision, str(device), dtype)
+def apply_fast_paths(gen: Generator, attention: str = "sdpa", channels_last: bool = False,
+                     compile: bool = False) -> Generator:
+    """Switch the UNet/VAE to the requested execution paths (same maths, different kernels/layout)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    proc = AttnProcessor2_0 if attention == "sdpa" else AttnProcessor
+    for m in (gen.unet, gen.vae):
+        m.set_attn_processor(proc())
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
+    if compile:
+        gen.unet = torch.compile(gen.unet)  # (a wrapper: .config and .dtype still reach the UNet)
+    return gen
+
+
+def runtime_key(base) -> list:
+    """What besides the weights can change a result's bits: part of every chunk's cache key."""
+    return [base.dtype, base.attention, base.channels_last, base.compile]
+
+
+def cached_generator(source: str, revision: str | None, device: str, dtype: str = "float32",
+                     attention: str = "sdpa", channels_last: bool = False, compile: bool = False) -> Generator:
+    """One loaded generator per (source, revision, device, dtype, fast paths) per process; chunk tasks share it
+    read-only."""
+    key = (source, revision, str(device), dtype, attention, channels_last, compile)
     with _LOCK:
         if key not in _LOADED:
-            _LOADED[key] = load_generator(source, revision, device, DTYPES[dtype])
+            gen = load_generator(source, revision, device, DTYPES[dtype])
+            _LOADED[key] = apply_fast_paths(gen, attention, channels_last, compile)
         return _LOADED[key]
 
 
@@ -194,7 +217,8 @@ def generator_for(base, chunk: int = 0) -> tuple[Generator, torch.device]:
     device = chunk_device(base.device, chunk)
     if base.dtype != "float32" and device.type == "cpu":
         raise GeneratorUnavailable(f"base.dtype={base.dtype!r} is for GPUs; on the CPU use float32")
-    return cached_generator(base.generator, base.revision, str(device), base.dtype), device
+    return cached_generator(base.generator, base.revision, str(device), base.dtype, base.attention,
+                            base.channels_last, base.compile), device
 
 
 def chunk_device(device: str, chunk: int) -> torch.device:

@@ -46,3 +46,11 @@ def task_options(retries: int = 2, delay: float = 10) -> dict:
 
     return {"retries": retries, "retry_delay_seconds": delay, "retry_condition_fn": retry_transient,
             "cache_policy": NO_CACHE, "persist_result": False}
+
+
+def publish_tables(tables: dict[str, tuple[str, list[dict]]]) -> None:
+    """Publish {key: (description, rows)} as Prefect table artifacts of the current flow run."""
+    from prefect.artifacts import create_table_artifact
+
+    for key, (description, rows) in tables.items():
+        create_table_artifact(rows, key=key, description=description)

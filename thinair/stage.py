@@ -47,6 +47,23 @@ def read_split(split: str, root: str | Path = ".") -> Split:
     return Split(np.concatenate(images), np.concatenate(labels), list(manifest["class_names"]))
 
 
+@dataclass
+class Synthetic:
+    images: np.ndarray  # uint8 (M, H, W, C)
+    labels: np.ndarray  # (M,)
+    source: np.ndarray  # (M,) train row of the embedding each image came from
+    partner: np.ndarray  # (M,) train row of its interpolation partner, -1 = none
+
+
+def read_synthetic(root: str | Path = ".") -> Synthetic:
+    """Every synthetic image of ``data/sample`` with its labels and provenance."""
+    d = paths.stage_dir("sample", root)
+    manifest = io.read_json(require(d / io.MANIFEST, "sample"))
+    parts = [io.load_npz(d / f) for f in manifest["chunks"]]
+    return Synthetic(*(np.concatenate([p[k] for p in parts])
+                       for k in ("images", "labels", "source_index", "partner_index")))
+
+
 def upstream_chunks(stage: str, root: str | Path = ".") -> list:
     """The chunk list of an upstream stage's manifest (names or records)."""
     return io.read_json(require(paths.stage_dir(stage, root) / io.MANIFEST, stage))["chunks"]
@@ -63,18 +80,36 @@ def source_hash(module: str) -> str:
     return io.file_sha256(sys.modules[module].__file__)[:16]
 
 
+def _binary(p) -> bool:
+    if isinstance(p, (np.ndarray, Path)):
+        return True
+    items = p.values() if isinstance(p, dict) else p if isinstance(p, (list, tuple)) else ()
+    return any(_binary(v) for v in items)
+
+
+def _feed(h, p) -> None:
+    if isinstance(p, np.ndarray):
+        h.update(str((p.dtype, p.shape)).encode())
+        h.update(np.ascontiguousarray(p).tobytes())
+    elif isinstance(p, Path):
+        h.update(io.file_sha256(p).encode())
+    elif _binary(p):  # a container holding arrays/files: hash its parts, never their (truncated) repr
+        items = sorted(p.items()) if isinstance(p, dict) else enumerate(p)
+        h.update(b"{" if isinstance(p, dict) else b"[")
+        for k, v in items:
+            h.update(json.dumps(k).encode())
+            _feed(h, v)
+        h.update(b"}" if isinstance(p, dict) else b"]")
+    else:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    h.update(b"\x00")
+
+
 def content_key(*parts) -> str:
-    """Stable hash of JSON-able parts, numpy arrays and files (by content)."""
+    """Stable hash of JSON-able parts, numpy arrays and files (by content), also nested in lists/dicts."""
     h = hashlib.sha256()
     for p in parts:
-        if isinstance(p, np.ndarray):
-            h.update(str((p.dtype, p.shape)).encode())
-            h.update(np.ascontiguousarray(p).tobytes())
-        elif isinstance(p, Path):
-            h.update(io.file_sha256(p).encode())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\x00")
+        _feed(h, p)
     return h.hexdigest()[:24]
 
 

@@ -1,0 +1,96 @@
+"""`cas` stage: repeated seeds, scaling studies, caching, resume after a kill, bad input."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.stages import run_all, run_stage
+from thinair import io
+from thinair.config import ParamsError, parse_params
+from thinair.stage import StageInputMissing, Synthetic
+from thinair.tasks import cas as cas_stage
+from tests.conftest import tiny_params
+
+
+def test_first_variants_takes_each_embeddings_first_n():
+    source = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])  # variant-major, as sample writes them
+    syn = Synthetic(np.zeros((9, 2, 2, 1), np.uint8), source % 2, source, -np.ones(9, np.int64))
+    assert cas_stage.first_variants(syn, 1).tolist() == [0, 1, 2]
+    assert cas_stage.first_variants(syn, 2).tolist() == [0, 1, 2, 3, 4, 5]
+    assert cas_stage.first_variants(syn, 9).tolist() == list(range(9))
+
+
+def test_real_subset_is_stratified_and_seeded():
+    labels = np.repeat(np.arange(4), 25)
+    a = cas_stage.real_subset(labels, 0.2, seed=1)
+    assert len(a) == 20 and np.bincount(labels[a]).tolist() == [5, 5, 5, 5]
+    assert (a == cas_stage.real_subset(labels, 0.2, seed=1)).all()
+    assert not (a == cas_stage.real_subset(labels, 0.2, seed=2)).all()
+    assert len(cas_stage.real_subset(labels, 0.001, seed=0)) == 4  # at least one per class
+
+
+def test_seeds_scaling_and_cache(tiny_generator, tmp_path, caplog):
+    params = parse_params(tiny_params(tiny_generator, cas={"seeds": 2, "scale_synthetic": [1, 2],
+                                                           "scale_real": [0.5, 1.0]}))
+    run_all(params, tmp_path, ("ingest", "encode", "invert", "sample"))
+    out = run_stage("cas", params, tmp_path)
+    acc = out["accuracy"]
+    assert set(acc) == {"real", "synthetic", "real+synthetic"}
+    for a in acc.values():
+        assert a["n"] == 2 and 0 <= a["mean"] <= 1 and a["std"] >= 0
+    details = io.read_json(tmp_path / "data" / "cas" / "details.json")["runs"]
+    seeds = {r["seed"] for r in details if r["kind"] == "mode" and r["mode"] == "real"}
+    assert len(seeds) == 2  # two different seeds per mode
+    syn = pd.read_csv(tmp_path / "data" / "cas" / "scaling_synthetic.csv")
+    assert syn.variants_per_embedding.tolist() == [1, 2] and syn.images.tolist() == [40, 80]
+    real = pd.read_csv(tmp_path / "data" / "cas" / "scaling_real.csv")
+    assert real.real_images.tolist() == [20, 40] and {"real_only", "synthetic_only"} <= set(real.columns)
+    assert (tmp_path / "data" / "cas" / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    # every scaling point at full size is the same training as the seed-0 synthetic/real run: cached, not redone
+    with caplog.at_level(logging.INFO, logger="thinair.tasks.cas"):
+        again = run_stage("cas", params, tmp_path)
+    assert again == out
+    assert "epoch" not in caplog.text and caplog.text.count("reused from cache") == len(details)
+
+
+def test_killed_training_resumes_to_the_same_result(tiny_generator, tmp_path, monkeypatch, caplog):
+    params = parse_params(tiny_params(tiny_generator, cas={"seeds": 1, "epochs": 3, "modes": ["real"],
+                                                           "scale_synthetic": [], "scale_real": []}))
+    run_all(params, tmp_path, ("ingest", "encode", "invert", "sample"))
+    clean = run_stage("cas", params, tmp_path)
+    for d in (tmp_path / ".thinair" / "cache" / "cas").iterdir():
+        import shutil
+
+        shutil.rmtree(d)
+
+    original = cas_stage.log.info
+
+    def die_at_epoch_2(msg, *args):
+        if "epoch %d/%d" in msg and args[2] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        original(msg, *args)
+
+    monkeypatch.setattr(cas_stage.log, "info", die_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("cas", params, tmp_path)
+    assert list((tmp_path / ".thinair" / "work" / "cas").glob("*.pt"))  # epoch 1's checkpoint
+    monkeypatch.setattr(cas_stage.log, "info", original)
+    with caplog.at_level(logging.INFO, logger="thinair.tasks.cas"):
+        resumed = run_stage("cas", params, tmp_path)
+    assert "resuming after epoch 1" in caplog.text
+    assert resumed == clean
+    assert not list((tmp_path / ".thinair" / "work" / "cas").glob("*.pt"))
+
+
+def test_bad_scaling_params_and_missing_sample(tiny_generator, tmp_path):
+    with pytest.raises(ParamsError, match="cas.scale_real"):
+        parse_params(tiny_params(tiny_generator, cas={"scale_real": [0.0]}))
+    with pytest.raises(ParamsError, match="cas.augment"):
+        parse_params(tiny_params(tiny_generator, cas={"augment": ["rotate"]}))
+    params = parse_params(tiny_params(tiny_generator))
+    run_all(params, tmp_path, ("ingest",))
+    with pytest.raises(StageInputMissing, match="sample"):
+        run_stage("cas", params, tmp_path)
