@@ -1,11 +1,15 @@
-"""Flow `metrics`: FID / precision / recall / density / coverage -> data/metrics (tasks/metrics.py)."""
+"""Flow `metrics`: FID / KID / precision / recall / density / coverage, overall and per class -> data/metrics
+(tasks/metrics.py); publishes the metric tables as Prefect artifacts."""
 from prefect import flow
 
 from thinair.config import Params
 from thinair.flows._runner import resolve
-from thinair.tasks.metrics import metrics_task
+from thinair.orchestration import publish_tables
+from thinair.tasks.metrics import metrics_task, tables
 
 
 @flow(name="metrics")
 def metrics_flow(params: Params | None = None, params_path: str = "params.yaml", root: str = ".") -> dict:
-    return metrics_task(resolve(params, params_path), root)
+    result = metrics_task(resolve(params, params_path), root)
+    publish_tables(tables(result))
+    return result

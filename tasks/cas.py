@@ -150,7 +150,7 @@ def scaling_runs(params: Params, real: Split, syn: Synthetic) -> list[dict]:
                      "sources": [(real.images[keep], real.labels[keep], 1.0)]})
     for r in runs:
         r["seed"] = run_seeds(params, r["mode"])[0]
-    return runs
+    return [r for r in runs if r["images"] > 0]  # a tiny share may keep no image whose partner is kept too
 
 
 def cas(params: Params, root: str | Path = ".") -> dict:

@@ -1,9 +1,12 @@
-"""`metrics`: FID, precision, recall, density, coverage of synthetic vs real train images.
+"""`metrics`: FID, KID, precision, recall, density, coverage of synthetic vs real train images.
 
-Features (``metrics.features``): ``domain`` = penultimate layer of a classifier trained on the real
-train split (cached in ``.thinair/cache/metrics``; for domains where Inception is meaningless or
-unavailable, e.g. 8 px digits). Also reports real *test* vs real train as the reference floor.
-Reads ``data/ingest`` and ``data/sample``. Writes ``data/metrics/metrics.json`` (a DVC metric).
+Features (``metrics.features``): ``inception`` = clean-fid's Inception-V3 ("clean" resize; its weights
+file must be present or downloadable, else the stage fails at once saying where to put it), ``domain`` =
+penultimate layer of a classifier trained on the real train split (cached in ``.thinair/cache/metrics``;
+for domains where Inception is meaningless, e.g. 8 px digits), ``clip`` = a local CLIP vision model.
+Overall and per class, plus real *test* vs real train as the reference floor. Reads ``data/ingest`` and
+``data/sample``. Writes ``data/metrics/metrics.json`` (the DVC metric; per-class values under
+``per_class``).
 """
 from __future__ import annotations
 
@@ -13,20 +16,13 @@ import numpy as np
 import torch
 from prefect import task
 
-from thinair import classifier, io, paths
+from thinair import classifier, features, io, paths
 from thinair.config import Params
 from thinair.orchestration import task_options
-from thinair.quality import all_metrics
-from thinair.stage import ChunkCache, content_key, source_hash, read_split, require
+from thinair.quality import METRIC_KEYS, all_metrics, per_class
+from thinair.stage import ChunkCache, content_key, read_split, read_synthetic, source_hash
 
 STAGE = "metrics"
-
-
-def read_synthetic(root: str | Path = ".") -> tuple[np.ndarray, np.ndarray]:
-    d = paths.stage_dir("sample", root)
-    manifest = io.read_json(require(d / io.MANIFEST, "sample"))
-    parts = [io.load_npz(d / f) for f in manifest["chunks"]]
-    return np.concatenate([p["images"] for p in parts]), np.concatenate([p["labels"] for p in parts])
 
 
 def domain_feature_net(params: Params, train, root: str | Path = "."):
@@ -55,35 +51,63 @@ def domain_feature_net(params: Params, train, root: str | Path = "."):
     return net.eval()
 
 
-def subsample(x: np.ndarray, n: int | None, seed: int) -> np.ndarray:
-    if n is None or len(x) <= n:
-        return x
-    return x[np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))]
+def subsample_rows(n: int, limit: int | None, seed: int) -> np.ndarray:
+    return np.arange(n) if limit is None or n <= limit else np.sort(
+        np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
 def metrics(params: Params, root: str | Path = ".") -> dict:
-    p = params.metrics
-    if p.features != "domain":
-        raise ValueError("metrics.features: only 'domain' is available in this version; Inception features "
-                         "(clean-fid) need its weights file and come with the evaluation issue")
+    p, seed = params.metrics, params.base.seed
+    features.check_available(p.features, p.clip_model)  # fail before any work
     train, test = read_split("train", root), read_split("test", root)
-    syn_x, syn_y = read_synthetic(root)
-    if syn_x.shape[1:] != train.images.shape[1:]:
-        raise ValueError(f"synthetic images are {syn_x.shape[1:]} but real ones {train.images.shape[1:]}; set "
+    syn = read_synthetic(root)
+    if syn.images.shape[1:] != train.images.shape[1:]:
+        raise ValueError(f"synthetic images are {syn.images.shape[1:]} but real ones {train.images.shape[1:]}; set "
                          "base.save_resolution: null to save at the dataset's resolution")
-    net = domain_feature_net(params, train, root)
-    feats = {name: classifier.features(net, classifier.to_tensor(subsample(x, p.max_samples, params.base.seed)))
-             for name, x in (("train", train.images), ("test", test.images), ("synthetic", syn_x))}
-    acc = float((classifier.predict(net, classifier.to_tensor(test.images)).numpy() == test.labels).mean())
+    info = {"kind": p.features}
+    net = None
+    if p.features == "domain":
+        net = domain_feature_net(params, train, root)
+        info["feature_net_test_accuracy"] = float(
+            (classifier.predict(net, classifier.to_tensor(test.images)).numpy() == test.labels).mean())
+    extract = features.build(p.features, device=str(_device(params)), clip_model=p.clip_model, domain_net=net)
+    sets = {"train": (train.images, train.labels), "test": (test.images, test.labels),
+            "synthetic": (syn.images, syn.labels)}
+    feats, labels = {}, {}
+    for name, (x, y) in sets.items():
+        rows = subsample_rows(len(y), p.max_samples, seed)
+        feats[name], labels[name] = extract(x[rows]), y[rows]
+    opts = {"k": p.k, "kid_subsets": p.kid_subsets, "kid_subset_size": p.kid_subset_size, "seed": seed}
     result = {
-        "synthetic_vs_train": all_metrics(feats["train"], feats["synthetic"], p.k),
-        "test_vs_train": all_metrics(feats["train"], feats["test"], p.k),
+        "synthetic_vs_train": all_metrics(feats["train"], feats["synthetic"], **opts),
+        "test_vs_train": all_metrics(feats["train"], feats["test"], **opts),
         "counts": {k: int(len(v)) for k, v in feats.items()},
-        "features": {"kind": p.features, "dim": int(feats["train"].shape[1]), "feature_net_test_accuracy": acc},
+        "features": info | {"dim": int(feats["train"].shape[1])},
     }
+    if p.per_class:
+        result["per_class"] = per_class(feats["train"], labels["train"], feats["synthetic"], labels["synthetic"],
+                                        **opts)
     out = paths.stage_dir(STAGE, root)
     io.write_json(out / "metrics.json", result)
     return result
+
+
+def _device(params: Params):
+    from thinair.generator import resolve_device
+
+    return resolve_device(params.base.device)
+
+
+def tables(result: dict) -> dict[str, tuple[str, list[dict]]]:
+    """Key tables for Prefect artifacts: overall metrics (and the floor), and per class."""
+    rows = [{"compared": name} | {k: round(float(result[name][k]), 4) for k in METRIC_KEYS}
+            for name in ("synthetic_vs_train", "test_vs_train")]
+    out = {"metrics": (f"Distribution metrics, {result['features']['kind']} features", rows)}
+    if "per_class" in result:
+        out["metrics-per-class"] = ("Per class: synthetic vs real train", [
+            {"class": c} | {k: (None if v.get(k) is None else round(float(v[k]), 4)) for k in METRIC_KEYS}
+            for c, v in result["per_class"].items()])
+    return out
 
 
 @task(name="metrics", **task_options(retries=1, delay=5))

@@ -34,7 +34,7 @@ def tiny_params(generator: Path, **sections) -> dict:
         "invert": {"steps": 4, "batch_size": 10, "checkpoint_every": 2, "num_tokens": 2},
         "sample": {"steps": 2, "samples_per_setting": 1, "batch_size": 16, "checkpoints": [2, "final"],
                    "scheduler": "ddim"},
-        "metrics": {"feature_epochs": 1},
+        "metrics": {"feature_epochs": 1, "features": "domain"},
         "cas": {"epochs": 1, "model": "smallcnn"},
     }
     for name, values in sections.items():

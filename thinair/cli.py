@@ -36,13 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Stages whose outputs end in `metrics`: each checks the metric features are available before it starts.
+EVALUATED_BY_METRICS = ("check", "ingest", "encode", "invert", "sample", "metrics")
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
     from thinair.datasets import DatasetUnavailable
     from thinair.generator import GeneratorUnavailable
     from thinair.stage import StageInputMissing
+    from thinair.features import FeaturesUnavailable
+    from thinair.orchestration import RunnerUnavailable
     from thinair.tasks.invert import NonFiniteLoss
 
-    return (DatasetUnavailable, GeneratorUnavailable, StageInputMissing, NonFiniteLoss, ValueError, OSError)
+    return (DatasetUnavailable, GeneratorUnavailable, StageInputMissing, NonFiniteLoss, FeaturesUnavailable,
+            RunnerUnavailable, ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"thinair: invalid parameters\n{err}", file=sys.stderr)
         return EXIT_PARAMS
+    if args.command in EVALUATED_BY_METRICS and params.metrics.features != "domain":
+        from thinair.features import FeaturesUnavailable, check_available
+
+        try:  # fail before any work: a missing Inception/CLIP model would otherwise stop the run at `metrics`
+            check_available(params.metrics.features, params.metrics.clip_model)
+        except FeaturesUnavailable as err:
+            print(f"thinair {args.command}: metrics.features={params.metrics.features!r} is unavailable: {err}",
+                  file=sys.stderr)
+            return EXIT_FAILED
     if args.command == "check":
         print(f"{args.params}: OK")
         return 0
@@ -68,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     module = importlib.import_module(f"thinair.flows.{args.command}")
-    flow = getattr(module, f"{args.command}_flow").with_options(task_runner=task_runner(params.base.workers))
+    flow = getattr(module, f"{args.command}_flow").with_options(task_runner=task_runner(
+        params.base.workers, params.base.task_runner, params.base.cluster_address))
     t0 = time.time()
     try:
         result = flow(params=params, root=args.root)

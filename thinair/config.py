@@ -43,6 +43,11 @@ class Base(_Section):
         "their optimiser stay float32).")
     chunk_size: int = Field(100, ge=1, description="Images per encode/invert/sample chunk (the unit of resume).")
     workers: int = Field(1, ge=1, le=64, description="Chunk tasks run at once (one per device).")
+    task_runner: Literal["thread", "process", "dask", "ray"] = Field(
+        "thread", description="Prefect task runner of the chunk fan-out: thread (default), process (one process "
+        "per worker; on CPU each gets cores / workers threads), dask (prefect-dask) or ray (prefect-ray).")
+    cluster_address: str | None = Field(None, description="dask: a scheduler address (tcp://host:8786); ray: a "
+                                        "cluster address; null = a local cluster of base.workers workers.")
     attention: Literal["sdpa", "math"] = Field("sdpa", description="UNet/VAE attention: sdpa = PyTorch's fused "
                                                "scaled_dot_product_attention (fast path), math = plain matmuls.")
     channels_last: bool = Field(False, description="Run the UNet and VAE in channels_last memory format (GPU "

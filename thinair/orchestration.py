@@ -9,7 +9,7 @@ import os
 
 # Errors that no retry can fix: bad params, missing inputs, unusable data or model.
 PERMANENT = ("ParamsError", "StageInputMissing", "DatasetUnavailable", "GeneratorUnavailable", "ValueError",
-             "TypeError", "KeyError", "NonFiniteLoss", "FileNotFoundError")
+             "TypeError", "KeyError", "NonFiniteLoss", "FileNotFoundError", "FeaturesUnavailable", "RunnerUnavailable")
 
 
 def configure() -> None:
@@ -33,10 +33,46 @@ def retry_transient(task, task_run, state) -> bool:
     return False
 
 
-def task_runner(workers: int):
-    from prefect.task_runners import ThreadPoolTaskRunner
+class RunnerUnavailable(RuntimeError):
+    """The chosen task runner's package is not installed; the message says what to install."""
 
-    return ThreadPoolTaskRunner(max_workers=workers)
+
+def _init_worker(threads: int) -> None:
+    """Runs once in every worker process: share the CPU cores out instead of oversubscribing them."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def task_runner(workers: int, kind: str = "thread", address: str | None = None):
+    """The Prefect task runner for a stage's fan-out (chunks, trainings).
+
+    thread: a thread pool in the flow's process. process: `workers` spawned processes with
+    cores // workers torch threads each (small models run faster this way than on shared threads).
+    dask / ray: prefect-dask / prefect-ray against `address`, or a local cluster of `workers` workers.
+    """
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    if kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "process":
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=_init_worker, initargs=(threads,))
+    try:
+        if kind == "dask":
+            from prefect_dask import DaskTaskRunner
+
+            if address:
+                return DaskTaskRunner(address=address)
+            return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
+                                                  "processes": True, "dashboard_address": None})
+        from prefect_ray import RayTaskRunner
+
+        return RayTaskRunner(address=address) if address else RayTaskRunner()
+    except ImportError:
+        raise RunnerUnavailable(f"base.task_runner={kind!r} needs the prefect-{kind} package: pip install "
+                           f"'thinair[{kind}]' (or prefect-{kind}), or use base.task_runner: thread | process") \
+            from None
 
 
 def task_options(retries: int = 2, delay: float = 10) -> dict:
