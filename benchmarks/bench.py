@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from thinair.generator import DTYPES, load_generator, sd_scheduler_config
+from thinair.generator import DTYPES, Generator, apply_fast_paths, load_generator, sd_scheduler_config
 from thinair.tasks.sample import denoise
 
 SD_V1_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -65,9 +65,8 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def bench_sample(unet, vae, sched_cfg, factor, tokens, res, batch, steps, device, dtype) -> float:
+def bench_sample(unet, vae, sched_cfg, factor, tokens, res, batch, steps, device, dtype, scheduler="ddim") -> float:
     """Images/s of guided sampling + VAE decode."""
-    from diffusers import DDIMScheduler
 
     latent = res // factor
     lat = torch.randn(batch, 4, latent, latent, device=device)
@@ -75,8 +74,8 @@ def bench_sample(unet, vae, sched_cfg, factor, tokens, res, batch, steps, device
     w = torch.full((batch,), 2.0, device=device)
 
     def once():
-        z = denoise(unet, DDIMScheduler.from_config(sched_cfg), lat, cond, cond.mean(0, keepdim=True).expand_as(cond),
-                    w, steps)
+        sched = Generator(unet, vae, sched_cfg, "", "").scheduler(scheduler)
+        z = denoise(unet, sched, lat, cond, cond.mean(0, keepdim=True).expand_as(cond), w, steps)
         with torch.no_grad():
             vae.decode((z / 0.18215).to(dtype)).sample
 
@@ -119,29 +118,37 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, nargs="+", default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--steps", type=int, nargs="+", default=[25, 100])
+    ap.add_argument("--scheduler", nargs="+", default=["ddim"], help="samplers to time, e.g. pndm dpmsolver++ unipc")
+    ap.add_argument("--attention", choices=["sdpa", "math"], default="sdpa")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true")
     ap.add_argument("--invert-iters", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak, to print the fraction reached")
     a = ap.parse_args()
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     unet, vae, cfg, factor, tokens = build(a.model, device, dtype)
+    fast = apply_fast_paths(Generator(unet, vae, cfg, a.model, ""), a.attention, a.channels_last, a.compile)
+    unet, vae = fast.unet, fast.vae
     resolutions = a.resolution or ([16] if a.model == "tiny" else [128, 256])
     batch = a.batch or (512 if a.model == "tiny" else 32)
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"{torch.get_num_threads()} threads) dtype={a.dtype} model={a.model} batch={batch}")
-    print("| what | px | steps | throughput | UNet GFLOP/fwd | achieved TFLOP/s | of peak | peak mem GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{torch.get_num_threads()} threads) dtype={a.dtype} model={a.model} batch={batch} "
+          f"attention={a.attention} channels_last={a.channels_last} compile={a.compile}")
+    print("| what | px | sampler | steps | throughput | UNet GFLOP/fwd | achieved TFLOP/s | of peak | peak mem GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for res in resolutions:
         gflop = unet_flops(unet, res // factor, tokens, device, dtype) / 1e9
-        for steps in a.steps:
-            ips = bench_sample(unet, vae, cfg, factor, tokens, res, batch, steps, device, dtype)
-            tflops = ips * steps * 2 * gflop / 1e3  # 2 = conditional + unconditional rows per step
-            frac = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
-            print(f"| sample | {res} | {steps} | {ips:.4g} img/s | {gflop:.4g} | {tflops:.3g} | {frac} | "
-                  f"{peak_memory_gib(device):.2f} |")
+        for sched in a.scheduler:
+            for steps in a.steps:
+                ips = bench_sample(unet, vae, cfg, factor, tokens, res, batch, steps, device, dtype, sched)
+                tflops = ips * steps * 2 * gflop / 1e3  # 2 = conditional + unconditional rows per step
+                frac = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
+                print(f"| sample | {res} | {sched} | {steps} | {ips:.4g} img/s | {gflop:.4g} | {tflops:.3g} | {frac} | "
+                      f"{peak_memory_gib(device):.2f} |")
         isps = bench_invert(unet, factor, tokens, res, batch, a.invert_iters, device, dtype)
         tflops = isps * 3 * gflop / 1e3  # backward ~ 2x forward
         frac = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
-        print(f"| invert | {res} | - | {isps:.4g} img-steps/s | {gflop:.4g} | {tflops:.3g} | {frac} | "
+        print(f"| invert | {res} | - | - | {isps:.4g} img-steps/s | {gflop:.4g} | {tflops:.3g} | {frac} | "
               f"{peak_memory_gib(device):.2f} |")
 
 

@@ -33,7 +33,7 @@ from thinair.stage import ChunkCache, Split, Synthetic, content_key, read_split,
 STAGE = "cas"
 MODES = ("real", "synthetic", "real+synthetic")
 # The fields of `cas` that change a training's result (seeds/modes/scaling lists only choose which to run).
-TRAIN_FIELDS = ("model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
+TRAIN_FIELDS = ("model", "width", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
                 "crop_padding", "flip", "augment")
 log = logging.getLogger(__name__)
 _TRAIN_LOCK = threading.Lock()  # trainings seed torch's global RNG: one at a time per process, so threads can't mix
@@ -84,7 +84,7 @@ def train_run(params: Params, tag: str, seed: int, sources: list[tuple[np.ndarra
 
     h, _, c = sources[0][0].shape[1:]
     with _TRAIN_LOCK:
-        net = classifier.build(p.model, c, n_classes, h, seed)
+        net = classifier.build(p.model, c, n_classes, h, seed, p.width)
         classifier.train(net, [(classifier.to_tensor(x), torch.from_numpy(y), share) for x, y, share in sources],
                          epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer, lr=p.lr,
                          momentum=p.momentum, weight_decay=p.weight_decay, warmup_epochs=p.warmup_epochs,

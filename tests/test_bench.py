@@ -26,3 +26,31 @@ def test_benchmark_functions_measure_the_tiny_generator(tiny_generator):
     assert bench.bench_sample(g.unet, g.vae, g.scheduler_config, 4, 2, 16, 2, 2, cpu, torch.float32) > 0
     assert bench.bench_invert(g.unet, 4, 2, 16, 2, 1, cpu, torch.float32) > 0
     assert bench.SD_V1_UNET["cross_attention_dim"] == 768 and bench.SD_V1_VAE["latent_channels"] == 4
+
+
+def test_steps_sweep_runs_the_real_stages_and_picks_a_default(tiny_generator, tmp_path):
+    import yaml
+
+    from tests.conftest import tiny_params
+    from tests.stages import run_all
+    from thinair.config import parse_params
+    from thinair.io import read_json
+    from thinair.tasks.report import sweep_section
+
+    raw = tiny_params(tiny_generator, cas={"epochs": 1})
+    run_all(parse_params(raw), tmp_path, ("ingest", "encode", "invert"))
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    spec = importlib.util.spec_from_file_location("steps_sweep", ROOT / "benchmarks" / "steps_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--configs", "ddim:4,dpmsolver++:2,ddim:2:2", "--seeds", "1", "--params", str(f),
+                       "--root", str(tmp_path), "--out", str(out)]) == 0
+    result = read_json(out)
+    assert [(r["scheduler"], r["steps"], r["checkpoint"]) for r in result["rows"]] == [
+        ("ddim", 4, "final"), ("dpmsolver++", 2, "final"), ("ddim", 2, "2")]
+    assert all(r["images"] == 40 and r["images_per_s"] > 0 for r in result["rows"])
+    assert result["rows"][2]["within_tolerance"] is False  # another checkpoint is never picked as the sampler
+    assert (result["best"]["scheduler"], result["best"]["steps"]) in {("ddim", 4), ("dpmsolver++", 2)}
+    assert "dpmsolver++" in sweep_section(out) and "<table>" in sweep_section(out)

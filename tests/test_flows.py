@@ -39,6 +39,11 @@ def test_every_stage_runs_as_a_flow(prefect_server, tiny_generator, tmp_path, ca
                                                                       "train-00001.safetensors"]
     assert io.read_json(d / "sample" / "manifest.json")["total"] == 80
     assert (d / "report" / "index.html").stat().st_size > 1000
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"cas", "cas-scaling-synthetic", "cas-scaling-real", "metrics", "metrics-per-class"} <= keys
 
 
 def test_missing_upstream_output_names_the_stage_to_run(prefect_server, tiny_generator, tmp_path, capsys):

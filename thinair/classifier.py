@@ -190,7 +190,7 @@ _BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
 MODELS = tuple(_BUILDERS)
 
 
-def build(name: str, in_ch: int, n_classes: int, image_size: int, seed: int = 0) -> nn.Module:
+def build(name: str, in_ch: int, n_classes: int, image_size: int, seed: int = 0, width: int = 32) -> nn.Module:
     """A freshly initialised classifier; the initial weights come from `seed` (reproducible runs).
 
     Args:
@@ -199,6 +199,7 @@ def build(name: str, in_ch: int, n_classes: int, image_size: int, seed: int = 0)
         n_classes: number of logits.
         image_size: image side in px; <= 64 selects the small-image stem (works down to 8 px).
         seed: seeds torch's global RNG before the weights are drawn.
+        width: channel width of `smallcnn` (its features are 4 x width); ignored by the torchvision models.
 
     Raises:
         ValueError: `name` is not in `MODELS`.
@@ -206,6 +207,8 @@ def build(name: str, in_ch: int, n_classes: int, image_size: int, seed: int = 0)
     if name not in _BUILDERS:
         raise ValueError(f"cas.model: unknown classifier {name!r}; choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)
+    if name == "smallcnn":
+        return SmallCNN(in_ch, n_classes, width)
     return _BUILDERS[name](in_ch, n_classes, image_size)
 
 

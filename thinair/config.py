@@ -167,6 +167,7 @@ class Cas(_Section):
         "smallcnn for tiny images).")
     modes: list[Literal["real", "synthetic", "real+synthetic"]] = Field(
         ["real", "synthetic", "real+synthetic"], description="What the classifier is trained on.")
+    width: int = Field(32, ge=4, le=512, description="Channel width of smallcnn (ignored by the other models).")
     epochs: int = Field(30, ge=1, description="Training epochs.")
     batch_size: int = Field(128, ge=1, description="Batch size (paper: 128).")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (paper) or adamw (paper, MedMNIST: lr 1e-3).")
