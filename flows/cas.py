@@ -11,8 +11,14 @@ from thinair.tasks.cas import cas_job_task, plan, summarize, tables
 @flow(name="cas")
 def cas_flow(params: Params | None = None, params_path: str = "params.yaml", root: str = ".") -> dict:
     params = resolve(params, params_path)
-    futures = [cas_job_task.with_options(task_run_name=_name(j)).submit(params, j, root) for j in plan(params, root)]
-    out = summarize(params, [f.result() for f in futures], root)
+    jobs = plan(params, root)
+    records = []
+    # the mode runs first: the scaling studies' full-size points are the same trainings and then come from the cache
+    for kind in ("mode", "scaling"):
+        futures = [cas_job_task.with_options(task_run_name=_name(j)).submit(params, j, root)
+                   for j in jobs if j["kind"] == kind]
+        records += [f.result() for f in futures]
+    out = summarize(params, records, root)
     publish_tables(tables(root))
     return out
 

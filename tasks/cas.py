@@ -70,7 +70,7 @@ def train_run(params: Params, tag: str, seed: int, sources: list[tuple[np.ndarra
     hit = cache.get(key, "result.json")
     if hit is not None:
         log.info("cas %s seed %d: reused from cache %s (not retrained)", tag, seed, key)
-        return io.read_json(hit)
+        return io.read_json(hit) | {"tag": tag}  # the same training may serve several runs (e.g. scaling at 100 %)
     work = paths.work_dir(STAGE, root) / f"{key}.pt"
     resume = torch.load(work, weights_only=True) if work.is_file() else None  # our own checkpoint
     if resume is not None:
@@ -258,7 +258,10 @@ def plot_scaling(syn_scale, real_scale, path: Path) -> None:
     for col, label in (("synthetic_only", "synthetic only"), ("real_only", "real only")):
         if col in real_scale:
             ax.plot(real_scale.real_images, 100 * real_scale[col], "o-", label=label)
-    ax.set(xlabel="real train images inverted", ylabel="CAS (%)", title="More real images", xscale="log")
+    ax.set(xlabel="real train images inverted (log scale)", ylabel="CAS (%)", title="More real images", xscale="log")
+    if len(real_scale):
+        ax.set_xticks(list(real_scale.real_images), [str(x) for x in real_scale.real_images])
+        ax.minorticks_off()
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -281,7 +284,7 @@ def tables(root: str | Path = ".") -> dict[str, tuple[str, list[dict]]]:
     for name in ("scaling_synthetic", "scaling_real"):
         frame = pd.read_csv(out / f"{name}.csv")
         if len(frame):
-            result[name.replace("_", "-")] = (f"CAS scaling study: {name}", frame.round(4).to_dict("records"))
+            result["cas-" + name.replace("_", "-")] = (f"CAS scaling study: {name}", frame.round(4).to_dict("records"))
     return result
 
 

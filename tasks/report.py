@@ -115,7 +115,7 @@ def report(params: Params, root: str | Path = ".") -> Path:
                   for k, v in per_class.items()]
     paper = PAPER_CAS.get(b.dataset)
     cas_rows = []
-    for i, (mode, acc) in enumerate(cas["accuracy"].items()):
+    for mode, acc in cas["accuracy"].items():
         row = [mode, f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}", acc["n"]]
         if "reconstructed_accuracy" in cas:
             r = cas["reconstructed_accuracy"][mode]

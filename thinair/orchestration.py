@@ -39,9 +39,14 @@ class RunnerUnavailable(RuntimeError):
 
 def _init_worker(threads: int) -> None:
     """Runs once in every worker process: share the CPU cores out instead of oversubscribing them."""
+    import logging
+
     import torch
 
     torch.set_num_threads(threads)
+    # progress and cache messages of the stage code (the parent's logging setup is not inherited by spawn)
+    logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def task_runner(workers: int, kind: str = "thread", address: str | None = None):
