@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _project(proj: Path, **sections) -> tuple[dict, dict]:
     """A runnable copy of the project with tiny params; returns (params, environment)."""
     proj.mkdir(parents=True)
-    for item in ("dvc.yaml", "tasks", "thinair", "flows"):
+    for item in ("dvc.yaml", "tasks", "thinair", "flows", "benchmarks"):
         src = ROOT / item
         shutil.copytree(src, proj / item) if src.is_dir() else shutil.copy(src, proj / item)
     raw = tiny_params(proj / "generators" / "tiny-digits",
