@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from thinair import augment as A
 from thinair import classifier as C
 
 # Map side before global pooling at (8 px, 32 px): the small-image stems downsample by 8, VGG as far as
@@ -47,7 +48,7 @@ def _data(n: int, c: int, side: int, k: int, seed: int) -> tuple[torch.Tensor, t
 def _images(n: int, c: int, side: int, seed: int) -> torch.Tensor:
     """Random images exactly on the uint8 grid, normalised like `to_tensor` (B, C, H, W)."""
     g = torch.Generator().manual_seed(seed)
-    return C._from_uint8(torch.randint(0, 256, (n, c, side, side), generator=g, dtype=torch.uint8))
+    return A._from_uint8(torch.randint(0, 256, (n, c, side, side), generator=g, dtype=torch.uint8))
 
 
 def _spy(net: nn.Module) -> list[torch.Tensor]:
@@ -155,7 +156,7 @@ def test_policies_on_rgb_keep_shape_and_leave_global_rng_alone(name):
     assert out.shape == x.shape and out.dtype == x.dtype and not torch.equal(out, x)
     again = C.apply_policy(x, C.make_policy((name,)), torch.Generator().manual_seed(0))
     assert torch.equal(out, again)  # seeded by the generator alone
-    assert torch.equal(C._from_uint8(C._to_uint8(x)), x)  # the uint8 round trip is exact
+    assert torch.equal(A._from_uint8(A._to_uint8(x)), x)  # the uint8 round trip is exact
 
 
 def test_cutout_makes_one_half_side_hole_per_image():
