@@ -64,7 +64,8 @@ def train_run(params: Params, tag: str, seed: int, sources: list[tuple[np.ndarra
     Cached by content (training fields, seed, every array); checkpointed every epoch so a kill resumes.
     """
     p = params.cas
-    key = content_key(STAGE, source_hash(__name__), {f: getattr(p, f) for f in TRAIN_FIELDS}, seed,
+    key = content_key(STAGE, source_hash(__name__), source_hash(classifier.__name__), source_hash("thinair.augment"),
+                      {f: getattr(p, f) for f in TRAIN_FIELDS}, seed,
                       [(x, y, share) for x, y, share in sources], {k: (t.images, t.labels) for k, t in tests.items()})
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, "result.json")
