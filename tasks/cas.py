@@ -135,20 +135,19 @@ def mode_sources(params: Params, mode: str, real: Split, syn: Synthetic | None) 
 
 
 def scaling_runs(params: Params, real: Split, syn: Synthetic) -> list[dict]:
-    """The scaling studies' trainings: [{study, x, mode, sources, seed}] (one seed each: the mode's first)."""
+    """The scaling studies' trainings: [{study, x, mode, images, rows, seed}], one seed each (the mode's first);
+    `rows` index the synthetic set (mode synthetic) or the real train split (mode real)."""
     p, runs = params.cas, []
     max_variants = int(np.bincount(syn.source).max())
     for n in sorted({min(n, max_variants) for n in p.scale_synthetic}):
         rows = first_variants(syn, n)
-        runs.append({"study": "synthetic", "x": n, "mode": "synthetic", "images": len(rows),
-                     "sources": [(syn.images[rows], syn.labels[rows], 1.0)]})
+        runs.append({"study": "synthetic", "x": n, "mode": "synthetic", "images": len(rows), "rows": rows})
     for f in sorted(set(p.scale_real)):
         keep = real_subset(real.labels, f, io.seed_for(params.base.seed, STAGE, "scale_real", f))
         inside = np.isin(syn.source, keep) & ((syn.partner < 0) | np.isin(syn.partner, keep))
         runs.append({"study": "real", "x": len(keep), "mode": "synthetic", "images": int(inside.sum()),
-                     "sources": [(syn.images[inside], syn.labels[inside], 1.0)]})
-        runs.append({"study": "real", "x": len(keep), "mode": "real", "images": len(keep),
-                     "sources": [(real.images[keep], real.labels[keep], 1.0)]})
+                     "rows": np.flatnonzero(inside)})
+        runs.append({"study": "real", "x": len(keep), "mode": "real", "images": len(keep), "rows": keep})
     for r in runs:
         r["seed"] = run_seeds(params, r["mode"])[0]
     return [r for r in runs if r["images"] > 0]  # a tiny share may keep no image whose partner is kept too
@@ -184,7 +183,9 @@ def run_job(params: Params, job: dict, root: str | Path = ".") -> dict:
                         n_classes, root)
         return job | {"result": res}
     run = scaling_runs(params, real, syn)[job["index"]]
-    res = train_run(params, f"scale-{run['study']}-{run['x']}-{run['mode']}", run["seed"], run["sources"],
+    data = syn if run["mode"] == "synthetic" else real
+    sources = [(data.images[run["rows"]], data.labels[run["rows"]], 1.0)]  # only this run's images are copied
+    res = train_run(params, f"scale-{run['study']}-{run['x']}-{run['mode']}", run["seed"], sources,
                     {"test": test}, n_classes, root)
     return job | {k: run[k] for k in ("study", "x", "mode", "images", "seed")} | {"result": res}
 
