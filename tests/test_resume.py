@@ -31,7 +31,7 @@ def _child(params_file, root, *stages):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_when(proc, condition, timeout=120):
+def _kill_when(proc, condition, timeout=600):  # generous: a loaded CI machine can be many times slower
     t0 = time.time()
     while not condition():
         if proc.poll() is not None:
