@@ -1,0 +1,24 @@
+"""Task runner choice: each kind builds its Prefect runner, or says which package is missing."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from thinair.orchestration import RunnerUnavailable, task_runner
+
+
+def test_thread_and_process_runners():
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    assert isinstance(task_runner(2, "thread"), ThreadPoolTaskRunner)
+    proc = task_runner(2, "process")
+    assert isinstance(proc, ProcessPoolTaskRunner) and proc._max_workers == 2
+
+
+@pytest.mark.parametrize("kind", ["dask", "ray"])
+def test_cluster_runner_without_its_package_names_the_install(kind):
+    if importlib.util.find_spec(f"prefect_{kind}") is not None:
+        pytest.skip(f"prefect-{kind} is installed here")
+    with pytest.raises(RunnerUnavailable, match=rf"pip install 'thinair\[{kind}\]'"):
+        task_runner(2, kind)
