@@ -31,10 +31,9 @@ from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, Split, Synthetic, content_key, read_split, read_synthetic, source_hash
 
 STAGE = "cas"
-MODES = ("real", "synthetic", "real+synthetic")
 # The fields of `cas` that change a training's result (seeds/modes/scaling lists only choose which to run).
-TRAIN_FIELDS = ("model", "width", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
-                "crop_padding", "flip", "augment")
+TRAIN_FIELDS = ("model", "width", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+                "warmup_epochs", "crop_padding", "flip", "augment")
 log = logging.getLogger(__name__)
 _TRAIN_LOCK = threading.Lock()  # trainings seed torch's global RNG: one at a time per process, so threads can't mix
 
@@ -169,11 +168,22 @@ def plan(params: Params, root: str | Path = ".") -> list[dict]:
     return jobs
 
 
+_INPUTS: dict = {}  # per process: (root, manifests' hashes) -> (train, test, synthetic); jobs share one read
+
+
+def _inputs(root: str | Path, synthetic: bool) -> tuple[Split, Split, Synthetic | None]:
+    manifests = [paths.stage_dir(s, root) / io.MANIFEST for s in ("ingest", "sample")]
+    key = (str(Path(root).resolve()), synthetic) + tuple(io.file_sha256(f) if f.is_file() else "" for f in manifests)
+    if key not in _INPUTS:
+        _INPUTS.clear()
+        _INPUTS[key] = (read_split("train", root), read_split("test", root),
+                        read_synthetic(root) if synthetic else None)
+    return _INPUTS[key]
+
+
 def run_job(params: Params, job: dict, root: str | Path = ".") -> dict:
-    """Run one planned training (reading its inputs from the workspace) and return its result record."""
-    real, test = read_split("train", root), read_split("test", root)
-    needs_syn = job["kind"] == "scaling" or job["mode"] != "real"
-    syn = read_synthetic(root) if needs_syn else None
+    """Run one planned training (reading its inputs from the workspace once per process) and return its record."""
+    real, test, syn = _inputs(root, job["kind"] == "scaling" or job["mode"] != "real")
     tests = {"test": test}
     if params.cas.reconstructed_test:
         tests["reconstructed"] = _reconstructed_cached(params, test, root)

@@ -33,7 +33,8 @@ def domain_feature_net(params: Params, train, root: str | Path = "."):
     h, _, c = train.images.shape[1:]
     seed = io.seed_for(params.base.seed, STAGE)
     net = classifier.build("smallcnn", c, len(train.class_names), h, seed)
-    key = content_key(STAGE, source_hash(__name__), source_hash(classifier.__name__), "domain", p.feature_epochs, params.base.seed, train.images,
+    key = content_key(STAGE, source_hash(__name__), source_hash(classifier.__name__), "domain", p.feature_epochs,
+                      params.base.seed, train.images,
                       train.labels)
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, "feature_net.safetensors")

@@ -22,3 +22,19 @@ def test_cluster_runner_without_its_package_names_the_install(kind):
         pytest.skip(f"prefect-{kind} is installed here")
     with pytest.raises(RunnerUnavailable, match=rf"pip install 'thinair\[{kind}\]'"):
         task_runner(2, kind)
+
+
+def test_cli_reports_a_missing_runner_package_without_a_traceback(tiny_generator, tmp_path, capsys):
+    import yaml
+
+    from tests.conftest import tiny_params
+    from thinair.cli import main
+
+    if importlib.util.find_spec("prefect_dask") is not None:
+        pytest.skip("prefect-dask is installed here")
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(tiny_params(tiny_generator, base={"task_runner": "dask"})))
+    assert main(["--params", str(f), "--root", str(tmp_path), "ingest"]) == 1
+    err = capsys.readouterr().err
+    assert "thinair[dask]" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()

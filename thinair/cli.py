@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     module = importlib.import_module(f"thinair.flows.{args.command}")
-    flow = getattr(module, f"{args.command}_flow").with_options(task_runner=task_runner(
-        params.base.workers, params.base.task_runner, params.base.cluster_address))
     t0 = time.time()
     try:
+        flow = getattr(module, f"{args.command}_flow").with_options(task_runner=task_runner(
+            params.base.workers, params.base.task_runner, params.base.cluster_address))
         result = flow(params=params, root=args.root)
     except _known_errors() as err:
         print(f"thinair {args.command}: failed: {err}", file=sys.stderr)
