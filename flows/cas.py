@@ -4,20 +4,22 @@ from prefect import flow
 
 from thinair.config import Params
 from thinair.flows._runner import resolve
-from thinair.orchestration import publish_tables
+from thinair.devices import ensure_limit
+from thinair.orchestration import fan_out, publish_tables
 from thinair.tasks.cas import cas_job_task, plan, summarize, tables
 
 
 @flow(name="cas")
 def cas_flow(params: Params | None = None, params_path: str = "params.yaml", root: str = ".") -> dict:
     params = resolve(params, params_path)
+    ensure_limit(params.base)
     jobs = plan(params, root)
     records = []
     # the mode runs first: the scaling studies' full-size points are the same trainings and then come from the cache
     for kind in ("mode", "scaling"):
-        futures = [cas_job_task.with_options(task_run_name=_name(j)).submit(params, j, root)
-                   for j in jobs if j["kind"] == kind]
-        records += [f.result() for f in futures]
+        mine = [j for j in jobs if j["kind"] == kind]
+        records += fan_out(cas_job_task, [(params, j, root) for j in mine], root, f"cas-{kind}",
+                           [_name(j) for j in mine])
     out = summarize(params, records, root)
     publish_tables(tables(root))
     return out

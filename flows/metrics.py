@@ -4,12 +4,15 @@ from prefect import flow
 
 from thinair.config import Params
 from thinair.flows._runner import resolve
+from thinair.caching import bind
+from thinair.devices import ensure_limit
 from thinair.orchestration import publish_tables
 from thinair.tasks.metrics import metrics_task, tables
 
 
 @flow(name="metrics")
 def metrics_flow(params: Params | None = None, params_path: str = "params.yaml", root: str = ".") -> dict:
-    result = metrics_task(resolve(params, params_path), root)
+    ensure_limit(resolve(params, params_path).base)
+    result = bind(metrics_task, root)(resolve(params, params_path), root)["result"]
     publish_tables(tables(result))
     return result

@@ -26,9 +26,12 @@ from prefect import task
 
 from thinair import classifier, io, paths
 from thinair.config import Params
-from thinair.generator import resolve_device
+from thinair.caching import record
+from thinair.devices import current_device, device_slot, set_threads
+from thinair.generator import generator_identity, runtime_key
 from thinair.orchestration import task_options
-from thinair.stage import ChunkCache, Split, Synthetic, content_key, read_split, read_synthetic, source_hash
+from thinair.stage import (ChunkCache, Split, Synthetic, content_key, inputs_digest, read_split, read_synthetic,
+                           source_hash)
 
 STAGE = "cas"
 # The fields of `cas` that change a training's result (seeds/modes/scaling lists only choose which to run).
@@ -89,7 +92,7 @@ def train_run(params: Params, tag: str, seed: int, sources: list[tuple[np.ndarra
                          epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer, lr=p.lr,
                          momentum=p.momentum, weight_decay=p.weight_decay, warmup_epochs=p.warmup_epochs,
                          padding=p.crop_padding, flip=p.flip, augment=tuple(p.augment), seed=seed,
-                         device=resolve_device(params.base.device), resume=resume, on_epoch=on_epoch)
+                         device=current_device(params.base), resume=resume, on_epoch=on_epoch)
     result = {"tag": tag, "seed": seed, "train_images": int(sum(len(x) for x, _, _ in sources))}
     for name, t in tests.items():
         pred = classifier.predict(net.cpu(), classifier.to_tensor(t.images)).numpy()
@@ -109,7 +112,7 @@ def reconstructed(params: Params, test: Split) -> Split:
     from thinair.tasks.encode import encode_images
 
     b = params.base
-    gen, device = generator_for(b)
+    gen, device = generator_for(b, device=current_device(b))
     post = encode_images(gen.vae, test.images, b.gen_resolution, params.encode.interpolation,
                          params.encode.batch_size, device)
     h, _, c = test.images.shape[1:]
@@ -300,6 +303,18 @@ def tables(root: str | Path = ".") -> dict[str, tuple[str, list[dict]]]:
     return result
 
 
-@task(name="cas-train", **task_options(retries=1, delay=5))
+def job_key(params: Params, job: dict, root: str | Path = ".") -> str:
+    """One training's inputs: the code, the CAS params, the job, the real and synthetic images and (for the
+    reconstructed test) the generator."""
+    b = params.base
+    gen = [generator_identity(b), runtime_key(b), b.gen_resolution, params.encode.model_dump(mode="json")] \
+        if params.cas.reconstructed_test else None
+    return content_key(STAGE, source_hash(__name__), source_hash(classifier.__name__), source_hash("thinair.augment"),
+                       params.cas.model_dump(mode="json"), b.seed, job, gen, inputs_digest(root, "ingest", "sample"))
+
+
+@task(name="cas-train", **task_options(retries=1, delay=5, cache=("cas-train", job_key)))
 def cas_job_task(params: Params, job: dict, root: str = ".") -> dict:
-    return run_job(params, job, root)
+    set_threads(params.base)
+    with device_slot(params.base, root, f"cas {job.get('mode', 'scaling')} {job.get('seed', job.get('index'))}"):
+        return record(root, [], **run_job(params, job, root))

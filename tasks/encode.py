@@ -16,7 +16,9 @@ from prefect import task
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.generator import generator_for, runtime_key
+from thinair.caching import record
+from thinair.devices import device_slot, set_threads, with_halving
+from thinair.generator import generator_for, generator_identity, runtime_key
 from thinair.images import to_model
 from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, Split, chunk_ranges, clean_dir, content_key, source_hash, publish, read_split
@@ -43,19 +45,27 @@ def check_resolution(resolution: int, factor: int) -> None:
                          f"use a multiple of {factor}")
 
 
-def encode_chunk(params: Params, chunk: int, train: Split, root: str | Path = ".") -> dict:
+def chunk_key(params: Params, chunk: int, train: Split, root: str | Path = ".") -> str:
+    """Everything that determines one chunk's latents: code, generator, resolution, resize and its images."""
     b, p = params.base, params.encode
     s, e = chunk_ranges(len(train.labels), b.chunk_size)[chunk]
-    gen, device = generator_for(b, chunk)
-    check_resolution(b.gen_resolution, gen.vae_factor)
+    return content_key(STAGE, source_hash(__name__), generator_identity(b), runtime_key(b), b.gen_resolution,
+                       p.interpolation, train.images[s:e])
+
+
+def encode_chunk(params: Params, chunk: int, train: Split, root: str | Path = ".", device=None) -> dict:
+    b, p = params.base, params.encode
+    s, e = chunk_ranges(len(train.labels), b.chunk_size)[chunk]
     name = paths.chunk_name("train", chunk, "safetensors")
-    key = content_key(STAGE, source_hash(__name__), gen.identity, runtime_key(b), b.gen_resolution, p.interpolation,
-                      train.images[s:e])
+    key = chunk_key(params, chunk, train, root)
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
-    cached = hit is not None
-    if not cached:
-        post = encode_images(gen.vae, train.images[s:e], b.gen_resolution, p.interpolation, p.batch_size, device)
+    if hit is None:
+        gen, device = generator_for(b, chunk, device)
+        check_resolution(b.gen_resolution, gen.vae_factor)
+        post = with_halving(p.batch_size, lambda bs: encode_images(gen.vae, train.images[s:e], b.gen_resolution,
+                                                                   p.interpolation, bs, device),
+                            f"encode chunk {chunk}")
         tmp = cache.dir / key / (name + ".part")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         io.save_tensors(tmp, post | {"labels": torch.from_numpy(train.labels[s:e]),
@@ -63,8 +73,9 @@ def encode_chunk(params: Params, chunk: int, train: Split, root: str | Path = ".
         hit = cache.put(key, name, tmp)
     else:
         log.info("%s chunk %d: reused from cache %s (not recomputed)", STAGE, chunk, key)
-    publish(hit, paths.stage_dir(STAGE, root) / name)
-    return {"file": name, "start": s, "end": e, "key": key, "cached": cached}
+    out = paths.stage_dir(STAGE, root) / name
+    publish(hit, out)
+    return record(root, [out], file=name, start=s, end=e, key=key)
 
 
 def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dict:
@@ -83,6 +94,8 @@ def chunks(params: Params, root: str | Path = ".") -> tuple[Split, int]:
     return train, len(chunk_ranges(len(train.labels), params.base.chunk_size))
 
 
-@task(name="encode-chunk", **task_options(retries=2, delay=10))
+@task(name="encode-chunk", **task_options(retries=2, delay=10, cache=("encode-chunk", chunk_key)))
 def encode_chunk_task(params: Params, chunk: int, train: Split, root: str = ".") -> dict:
-    return encode_chunk(params, chunk, train, root)
+    set_threads(params.base)
+    with device_slot(params.base, root, f"encode chunk {chunk}") as device:
+        return encode_chunk(params, chunk, train, root, device)

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from thinair import datasets, io, paths
+from thinair import datasets, imagefolder, io, paths
+from thinair.caching import record
 from thinair.config import Params
 from thinair.orchestration import task_options
-from thinair.stage import chunk_ranges
+from thinair.stage import chunk_ranges, content_key, files_under, source_hash
 
 
 def limit_per_class(labels: np.ndarray, per_class: int | None, total: int | None, seed: int) -> np.ndarray:
@@ -73,6 +74,26 @@ def ingest(params: Params, root: str | Path = ".") -> dict:
     return manifest
 
 
-@task(name="ingest", **task_options(retries=2, delay=5))
+def source_fingerprint(dataset: str) -> list:
+    """What identifies the dataset's content without reading it: the name of a built-in dataset (a fixed
+    release), or every file's (path, size, mtime) of a `folder:` dataset."""
+    if not dataset.startswith("folder:"):
+        return [dataset]
+    root = Path(dataset.split(":", 1)[1]).expanduser()
+    if not root.is_dir():
+        return [dataset, "missing"]
+    return [[f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(root.rglob("*")) if f.is_file()]
+
+
+def stage_key(params: Params, root: str | Path = ".") -> str:
+    b = params.base
+    return content_key("ingest", source_hash(__name__), source_hash(datasets.__name__),
+                       source_hash(imagefolder.__name__), b.dataset, b.seed, params.ingest.model_dump(mode="json"),
+                       source_fingerprint(b.dataset))
+
+
+@task(name="ingest", **task_options(retries=2, delay=5, cache=("ingest", stage_key)))
 def ingest_task(params: Params, root: str = ".") -> dict:
-    return ingest(params, root)
+    manifest = ingest(params, root)
+    return record(root, files_under(paths.stage_dir("ingest", root)), manifest=manifest)

@@ -23,7 +23,9 @@ from prefect import task
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.generator import generator_for, runtime_key
+from thinair.devices import device_slot, set_threads, with_halving
+from thinair.caching import record
+from thinair.generator import generator_for, generator_identity, runtime_key
 from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, clean_dir, content_key, source_hash, publish, require, upstream_chunks
 
@@ -80,20 +82,34 @@ def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, gen: torch.G
         losses, start = json.loads(state["losses"]), int(state["step"])
     mean, std = mean.to(device), torch.exp(0.5 * logvar).to(device)
     batch = min(p.batch_size, n)
+    micro = batch  # halved on out-of-memory: the same step as micro-batches with accumulated gradients
     for step in range(start + 1, p.steps + 1):
         idx = torch.randperm(n, generator=gen)[:batch]
         eps_z = torch.randn(mean[idx].shape, generator=gen).to(device)
         z0 = (mean[idx] + std[idx] * eps_z) * scaling  # posterior re-sampled every step, (B, 4, h, w)
         noise = torch.randn(z0.shape, generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
-        loss = denoising_loss(unet, noise_sched.add_noise(z0, noise, t), noise, t, emb[idx])
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"invert chunk {chunk}: loss is {loss.item()} at step {step}; lower invert.lr "
-                                "or check the generator and the encoded latents")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        noisy = noise_sched.add_noise(z0, noise, t)
+
+        def step_loss(m: int) -> float:
+            nonlocal micro
+            micro = m
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for s in range(0, batch, m):
+                sl = slice(s, s + m)
+                part = denoising_loss(unet, noisy[sl], noise[sl], t[sl], emb[idx[sl]])
+                if not torch.isfinite(part):
+                    raise NonFiniteLoss(f"invert chunk {chunk}: loss is {part.item()} at step {step}; lower "
+                                        "invert.lr or check the generator and the encoded latents")
+                w = len(idx[sl]) / batch
+                (part * w).backward() if m < batch else part.backward()
+                total += part.item() * w
+            return total
+
+        loss = with_halving(micro, step_loss, f"invert chunk {chunk} step {step}")
         opt.step()
-        losses.append([step, round(loss.item(), 6)])
+        losses.append([step, round(loss, 6)])
         if step % p.checkpoint_every == 0 or step == p.steps:
             ckpts[step] = emb.detach().cpu().clone()
             if on_checkpoint is not None and step < p.steps:
@@ -103,20 +119,26 @@ def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, gen: torch.G
     return emb.detach().cpu(), ckpts, losses
 
 
-def invert_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
-    """Invert one chunk (or take it from the cache); publish it to ``data/invert``."""
+def chunk_key(params: Params, chunk: int, root: str | Path = ".") -> str:
+    """Everything that determines one chunk's embeddings: code, generator, params, seed and its latents."""
+    b, p = params.base, params.invert
+    enc_file = require(paths.stage_dir("encode", root) / paths.chunk_name("train", chunk, "safetensors"), "encode")
+    return content_key(STAGE, source_hash(__name__), generator_identity(b), runtime_key(b), p.model_dump(mode="json"),
+                       b.seed, chunk, enc_file)
+
+
+def invert_chunk(params: Params, chunk: int, root: str | Path = ".", device=None) -> dict:
+    """Invert one chunk (or take it from the chunk cache); publish it to ``data/invert``."""
     from diffusers import DDPMScheduler
 
     b, p = params.base, params.invert
-    enc_dir = paths.stage_dir("encode", root)
     name = paths.chunk_name("train", chunk, "safetensors")
-    enc_file = require(enc_dir / name, "encode")
-    gen_model, device = generator_for(b, chunk)
-    key = content_key(STAGE, source_hash(__name__), gen_model.identity, runtime_key(b), p.model_dump(mode="json"),
-                      b.seed, chunk, enc_file)
+    enc_file = require(paths.stage_dir("encode", root) / name, "encode")
+    key = chunk_key(params, chunk, root)
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
     if hit is None:
+        gen_model, device = generator_for(b, chunk, device)
         enc = io.load_tensors(enc_file)
         work = paths.work_dir(STAGE, root) / f"{key}.pt"
         state = torch.load(work, weights_only=True) if work.is_file() else None  # our own checkpoint
@@ -140,8 +162,9 @@ def invert_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
         work.unlink(missing_ok=True)
     else:
         log.info("%s chunk %d: reused from cache %s (not recomputed)", STAGE, chunk, key)
-    publish(hit, paths.stage_dir(STAGE, root) / name)
-    return {"file": name, "key": key}
+    out = paths.stage_dir(STAGE, root) / name
+    publish(hit, out)
+    return record(root, [out], file=name, key=key)
 
 
 def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dict:
@@ -165,6 +188,8 @@ def chunk_count(root: str | Path = ".") -> int:
     return len(upstream_chunks("encode", root))
 
 
-@task(name="invert-chunk", **task_options(retries=2, delay=10))
+@task(name="invert-chunk", **task_options(retries=2, delay=10, cache=("invert-chunk", chunk_key)))
 def invert_chunk_task(params: Params, chunk: int, root: str = ".") -> dict:
-    return invert_chunk(params, chunk, root)
+    set_threads(params.base)
+    with device_slot(params.base, root, f"invert chunk {chunk}") as device:
+        return invert_chunk(params, chunk, root, device)

@@ -19,8 +19,10 @@ from prefect import task
 from thinair import classifier, features, io, paths
 from thinair.config import Params
 from thinair.orchestration import task_options
+from thinair.caching import record
+from thinair.devices import current_device, device_slot
 from thinair.quality import METRIC_KEYS, all_metrics, per_class
-from thinair.stage import ChunkCache, content_key, read_split, read_synthetic, source_hash
+from thinair.stage import ChunkCache, content_key, inputs_digest, read_split, read_synthetic, source_hash
 
 STAGE = "metrics"
 
@@ -94,9 +96,7 @@ def metrics(params: Params, root: str | Path = ".") -> dict:
 
 
 def _device(params: Params):
-    from thinair.generator import resolve_device
-
-    return resolve_device(params.base.device)
+    return current_device(params.base)
 
 
 def tables(result: dict) -> dict[str, tuple[str, list[dict]]]:
@@ -111,6 +111,15 @@ def tables(result: dict) -> dict[str, tuple[str, list[dict]]]:
     return out
 
 
-@task(name="metrics", **task_options(retries=1, delay=5))
+def stage_key(params: Params, root: str | Path = ".") -> str:
+    """The code, params and every input file (real and synthetic images) the metrics depend on."""
+    return content_key(STAGE, source_hash(__name__), source_hash(classifier.__name__), source_hash(features.__name__),
+                       source_hash("thinair.quality"), params.metrics.model_dump(mode="json"), params.base.seed,
+                       inputs_digest(root, "ingest", "sample"))
+
+
+@task(name="metrics", **task_options(retries=1, delay=5, cache=("metrics", stage_key)))
 def metrics_task(params: Params, root: str = ".") -> dict:
-    return metrics(params, root)
+    with device_slot(params.base, root, "metrics"):
+        result = metrics(params, root)
+    return record(root, [paths.stage_dir(STAGE, root) / "metrics.json"], result=result)

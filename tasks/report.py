@@ -16,9 +16,10 @@ import numpy as np
 from prefect import task
 
 from thinair import io, paths
+from thinair.caching import record
 from thinair.config import Params
 from thinair.orchestration import task_options
-from thinair.stage import read_split, read_synthetic, require
+from thinair.stage import content_key, files_under, inputs_digest, read_split, read_synthetic, require, source_hash
 
 STAGE = "report"
 SWEEP = Path("benchmarks") / "steps_sweep.json"
@@ -163,6 +164,15 @@ sampler {html.escape(sp['scheduler'])}, {sp['steps']} steps, guidance {sp['guida
     return out / "index.html"
 
 
-@task(name="report", **task_options(retries=1, delay=5))
-def report_task(params: Params, root: str = ".") -> str:
-    return str(report(params, root))
+def stage_key(params: Params, root: str | Path = ".") -> str:
+    """The code, every param and every input the report shows."""
+    sweep = Path(root) / SWEEP
+    return content_key(STAGE, source_hash(__name__), params.model_dump(mode="json"),
+                       inputs_digest(root, "ingest", "invert", "sample", "metrics", "cas"),
+                       io.file_sha256(sweep) if sweep.is_file() else None)
+
+
+@task(name="report", **task_options(retries=1, delay=5, cache=("report", stage_key)))
+def report_task(params: Params, root: str = ".") -> dict:
+    page = report(params, root)
+    return record(root, files_under(page.parent), page=str(page))

@@ -22,7 +22,9 @@ from prefect import task
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.generator import generator_for, runtime_key
+from thinair.caching import record
+from thinair.devices import device_slot, set_threads, with_halving
+from thinair.generator import generator_for, generator_identity, runtime_key
 from thinair.images import to_uint8
 from thinair.orchestration import task_options
 from thinair.stage import ChunkCache, clean_dir, content_key, source_hash, publish, require, upstream_chunks
@@ -120,21 +122,25 @@ def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int, batche
     return lat
 
 
-def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
+def chunk_key(params: Params, chunk: int, root: str | Path = ".") -> str:
+    """Everything that determines one chunk's images: code, generator, params, seed, its embeddings and the whole
+    embedding bank (interpolation partners and the mean embedding come from every chunk)."""
     b, p = params.base, params.sample
-    name_in = paths.chunk_name("train", chunk, "safetensors")
+    inv_dir = paths.stage_dir("invert", root)
+    inv_file = require(inv_dir / paths.chunk_name("train", chunk, "safetensors"), "invert")
+    h, _, channels = io.read_json(require(paths.stage_dir("ingest", root) / io.MANIFEST, "ingest"))["image_shape"]
+    bank = [io.file_sha256_memo(inv_dir / f) for f in upstream_chunks("invert", root)]
+    return content_key(STAGE, source_hash(__name__), generator_identity(b), runtime_key(b), p.model_dump(mode="json"),
+                       b.seed, chunk, b.save_resolution or h, channels, b.gen_resolution, inv_file, bank)
+
+
+def sample_chunk(params: Params, chunk: int, root: str | Path = ".", device=None) -> dict:
+    b, p = params.base, params.sample
     name = paths.chunk_name("train", chunk, "npz")
-    inv_file = require(paths.stage_dir("invert", root) / name_in, "invert")
     ingest_manifest = io.read_json(require(paths.stage_dir("ingest", root) / io.MANIFEST, "ingest"))
     h, _, channels = ingest_manifest["image_shape"]
     save_res = b.save_resolution or h
-    gen_model, device = generator_for(b, chunk)
-    inv_dir = paths.stage_dir("invert", root)
-    bank_files = [inv_dir / f for f in upstream_chunks("invert", root)]
-    # partners and the mean embedding come from every chunk: all of invert's files are inputs
-    key = content_key(STAGE, source_hash(__name__), gen_model.identity, runtime_key(b), p.model_dump(mode="json"),
-                      b.seed, chunk, save_res, channels, b.gen_resolution, inv_file,
-                      [io.file_sha256(f) for f in bank_files])
+    key = chunk_key(params, chunk, root)
     cache = ChunkCache(STAGE, root)
     hit = cache.get(key, name)
     if hit is None:
@@ -143,20 +149,26 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
         labels = bank["labels"].numpy()
         plan = plan_variants(labels, rows, p, b.seed, chunk)
         unconds = {c: unconditional(bank[c], bank, p.uncond, b) for c in p.checkpoints}
+        gen_model, device = generator_for(b, chunk, device)
         latent = b.gen_resolution // gen_model.vae_factor
-        images = []
-        for s in range(0, len(plan), p.batch_size):
-            recs = plan[s:s + p.batch_size]
-            gens = [torch.Generator().manual_seed(r["seed"]) for r in recs]
-            cond = torch.stack([perturbed_context(bank, r, p, g) for r, g in zip(recs, gens)])
-            lat0 = torch.stack([torch.randn(4, latent, latent, generator=g) for g in gens])  # (B, 4, h, w)
-            uncond = torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
-            w = torch.tensor([r["w"] for r in recs])
-            lat = denoise(gen_model.unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
-                          uncond.to(device), w.to(device), p.steps, p.batched_guidance)
-            with torch.no_grad():
-                x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
-            images.append(to_uint8(x, save_res, channels))
+
+        def generate(batch_size: int) -> list[np.ndarray]:
+            images = []
+            for s in range(0, len(plan), batch_size):
+                recs = plan[s:s + batch_size]
+                gens = [torch.Generator().manual_seed(r["seed"]) for r in recs]
+                cond = torch.stack([perturbed_context(bank, r, p, g) for r, g in zip(recs, gens)])
+                lat0 = torch.stack([torch.randn(4, latent, latent, generator=g) for g in gens])  # (B, 4, h, w)
+                uncond = torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
+                w = torch.tensor([r["w"] for r in recs])
+                lat = denoise(gen_model.unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
+                              uncond.to(device), w.to(device), p.steps, p.batched_guidance)
+                with torch.no_grad():
+                    x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
+                images.append(to_uint8(x, save_res, channels))
+            return images
+
+        images = with_halving(p.batch_size, generate, f"sample chunk {chunk}")
         tmp = cache.dir / key / (name + ".part")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         ckpt_ids = {c: (-1 if c == "final" else int(c)) for c in p.checkpoints}
@@ -170,8 +182,9 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".") -> dict:
         hit = cache.put(key, name, tmp)
     else:
         log.info("%s chunk %d: reused from cache %s (not recomputed)", STAGE, chunk, key)
-    publish(hit, paths.stage_dir(STAGE, root) / name)
-    return {"file": name, "key": key}
+    out = paths.stage_dir(STAGE, root) / name
+    publish(hit, out)
+    return record(root, [out], file=name, key=key)
 
 
 PROVENANCE = "provenance.csv"
@@ -214,6 +227,8 @@ def chunk_count(root: str | Path = ".") -> int:
     return len(upstream_chunks("invert", root))
 
 
-@task(name="sample-chunk", **task_options(retries=2, delay=10))
+@task(name="sample-chunk", **task_options(retries=2, delay=10, cache=("sample-chunk", chunk_key)))
 def sample_chunk_task(params: Params, chunk: int, root: str = ".") -> dict:
-    return sample_chunk(params, chunk, root)
+    set_threads(params.base)
+    with device_slot(params.base, root, f"sample chunk {chunk}") as device:
+        return sample_chunk(params, chunk, root, device)

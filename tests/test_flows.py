@@ -2,31 +2,12 @@
 the plain functions; failures come back as clear messages and non-zero exits."""
 from __future__ import annotations
 
-import os
 
-import pytest
 import yaml
 
 from thinair import io
 from thinair.cli import main
 from tests.conftest import tiny_params
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_every_stage_runs_as_a_flow(prefect_server, tiny_generator, tmp_path, capsys):

@@ -53,6 +53,13 @@ class Base(_Section):
     channels_last: bool = Field(False, description="Run the UNet and VAE in channels_last memory format (GPU "
                                 "fast path; results equal within float tolerance).")
     compile: bool = Field(False, description="torch.compile the UNet (GPU fast path; the first call compiles).")
+    devices: int | None = Field(None, ge=1, le=64, description="Size of the global device concurrency limit: how "
+                                "many device tasks run at once across every run sharing the Prefect server; null = the "
+                                "visible CUDA GPUs (on CPU: base.workers).")
+    gpu_limit: str = Field("gpu", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Name of that Prefect global "
+                           "concurrency limit (created automatically; every device task holds one slot, strict).")
+    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads per chunk task; null = cores / "
+                                "workers. Fix it to get bit-identical results across task runners.")
 
     @field_validator("device")
     @classmethod

@@ -212,13 +212,30 @@ def cached_generator(source: str, revision: str | None, device: str, dtype: str 
         return _LOADED[key]
 
 
-def generator_for(base, chunk: int = 0) -> tuple[Generator, torch.device]:
-    """The generator and device a chunk runs with, from the `base` params."""
-    device = chunk_device(base.device, chunk)
+def generator_for(base, chunk: int = 0, device: torch.device | None = None) -> tuple[Generator, torch.device]:
+    """The generator and device a chunk runs with, from the `base` params (or on the given device: the one
+    its device slot holds, see thinair/devices.py)."""
+    device = device if device is not None else chunk_device(base.device, chunk)
     if base.dtype != "float32" and device.type == "cpu":
         raise GeneratorUnavailable(f"base.dtype={base.dtype!r} is for GPUs; on the CPU use float32")
     return cached_generator(base.generator, base.revision, str(device), base.dtype, base.attention,
                             base.channels_last, base.compile), device
+
+
+_IDENTITIES: dict = {}
+
+
+def generator_identity(base) -> str:
+    """What identifies the generator's weights without loading them: hub id@revision, or the content hash of a
+    local directory (as :func:`load_generator` records it). Part of every chunk's cache key."""
+    path = Path(base.generator).expanduser()
+    if not path.is_dir():
+        return f"{base.generator}@{base.revision or 'main'}"
+    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size)
+                  for sub in ("unet", "vae", "scheduler") for f in sorted((path / sub).glob("*")) if f.is_file())
+    if _IDENTITIES.get(str(path), (None,))[0] != stamp:
+        _IDENTITIES[str(path)] = (stamp, local_identity(path))
+    return _IDENTITIES[str(path)][1]
 
 
 def chunk_device(device: str, chunk: int) -> torch.device:

@@ -137,6 +137,20 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_DIGESTS: dict = {}
+
+
+def file_sha256_memo(path: str | Path) -> str:
+    """:func:`file_sha256`, remembered per process while the file's (mtime_ns, size) are unchanged: for input
+    files hashed by many cache keys (sample's embedding bank). Verification of outputs uses the plain one."""
+    st = os.stat(path)
+    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    hit = _DIGESTS.get(str(path))
+    if hit is None or hit[0] != stamp:
+        hit = _DIGESTS[str(path)] = (stamp, file_sha256(path))
+    return hit[1]
+
+
 def seed_for(*parts: Any) -> int:
     """A 63-bit seed derived from any printable parts, e.g. ``seed_for(seed, "sample", chunk, index)``."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()

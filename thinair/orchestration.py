@@ -22,6 +22,8 @@ def configure() -> None:
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "thinair")
+    # device-slot leases on disk, so a run can reclaim the slots of a killed run (see thinair/devices.py)
+    env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -80,13 +82,21 @@ def task_runner(workers: int, kind: str = "thread", address: str | None = None):
             from None
 
 
-def task_options(retries: int = 2, delay: float = 10) -> dict:
-    """Options every thinair task shares. Prefect's own result cache is off: finished chunks are cached by
-    content in `.thinair/cache` (see thinair/stage.py), which survives kills and verifies file hashes."""
+def task_options(retries: int = 2, delay: float = 10, cache: tuple | None = None) -> dict:
+    """Options every thinair task shares: retries with exponential back-off (10 s, 20 s, 40 s ... for
+    I/O errors and device faults; never for bad input, see :func:`retry_transient`), and, with
+    ``cache=(name, key_fn)``, Prefect's result cache keyed on content and verified on every hit
+    (thinair/caching.py). Uncached tasks keep Prefect's cache off."""
     from prefect.cache_policies import NO_CACHE
+    from prefect.tasks import exponential_backoff
 
-    return {"retries": retries, "retry_delay_seconds": delay, "retry_condition_fn": retry_transient,
-            "cache_policy": NO_CACHE, "persist_result": False}
+    from thinair.caching import cache_options
+
+    opts = {"retries": retries, "retry_delay_seconds": exponential_backoff(delay) if retries else 0,
+            "retry_jitter_factor": 0.2, "retry_condition_fn": retry_transient}
+    if cache is None:
+        return opts | {"cache_policy": NO_CACHE, "persist_result": False}
+    return opts | cache_options(*cache)
 
 
 def publish_tables(tables: dict[str, tuple[str, list[dict]]]) -> None:
@@ -95,3 +105,21 @@ def publish_tables(tables: dict[str, tuple[str, list[dict]]]) -> None:
 
     for key, (description, rows) in tables.items():
         create_table_artifact(rows, key=key, description=description)
+
+
+def fan_out(task, calls: list[tuple], root, what: str, names: list[str] | None = None) -> list:
+    """Submit ``task(*args)`` for each args tuple (its results cached under this project's root) and wait for
+    all, updating a ``<what>-progress`` progress artifact as they finish. Returns the results in order."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.futures import as_completed
+
+    from thinair.caching import bind
+
+    task = bind(task, root)
+    futures = [(task.with_options(task_run_name=names[i]) if names else task).submit(*args)
+               for i, args in enumerate(calls)]
+    progress = create_progress_artifact(0.0, key=f"{what}-progress",
+                                        description=f"{what}: {len(futures)} task(s) finished, in percent")
+    for done, _ in enumerate(as_completed(futures), 1):
+        update_progress_artifact(progress, 100.0 * done / max(1, len(futures)))
+    return [f.result() for f in futures]

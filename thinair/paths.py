@@ -26,3 +26,12 @@ def work_dir(stage: str, root: str | Path = ".") -> Path:
 
 def chunk_name(split: str, index: int, ext: str) -> str:
     return f"{split}-{index:05d}.{ext}"
+
+
+def state_dir(root: str | Path = ".") -> Path:
+    return Path(root) / STATE
+
+
+def prefect_results(root: str | Path = ".") -> Path:
+    """Prefect's result records of cached tasks (project-local, not in the user's home)."""
+    return (Path(root) / STATE / "prefect" / "results").resolve()

@@ -151,3 +151,16 @@ def clean_dir(d: Path, keep: set[str]) -> None:
         for f in d.iterdir():
             if f.is_file() and f.name not in keep:
                 f.unlink()
+
+
+def inputs_digest(root: str | Path, *stages: str) -> list[list[str]]:
+    """[relative path, sha256] of every file of the given stages' outputs: the inputs of a whole-stage task."""
+    out = []
+    for s in stages:
+        d = require(paths.stage_dir(s, root), s)
+        out += [[f.relative_to(root).as_posix(), io.file_sha256_memo(f)] for f in sorted(d.rglob("*")) if f.is_file()]
+    return out
+
+
+def files_under(d: Path) -> list[Path]:
+    return [f for f in sorted(d.rglob("*")) if f.is_file()]
