@@ -33,6 +33,22 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("name", help="cifar10, cifar100, stl10, imagenette, eurosat, pathmnist, dermamnist, "
                      "bloodmnist, retinamnist")
     pre.add_argument("--run", action="store_true", help="run the experiment now (dvc exp run)")
+    pipe = sub.add_parser("pipeline", help="the whole DAG through DVC as one Prefect flow: write -S overrides into "
+                          "params.yaml, reproduce exactly the stale stages (dvc.lock updated)")
+    pipe.add_argument("--push", action="store_true", help="dvc push the new versions afterwards")
+    regen = sub.add_parser("regenerate", help="what the scheduled deployment runs: reproduce the stale stages (none: "
+                           "done in seconds), then dvc push")
+    regen.add_argument("--no-push", action="store_true", help="do not dvc push afterwards")
+    srv = sub.add_parser("server", help="start the Prefect server and UI (prefect server start), on 127.0.0.1 "
+                         "unless --host says otherwise")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; to expose it set "
+                     "PREFECT_SERVER_API_AUTH_STRING, see README)")
+    srv.add_argument("--port", type=int, default=4200)
+    serve = sub.add_parser("serve", help="serve the `pipeline` deployment (run it from the UI with its params) and "
+                           "the scheduled `regenerate` deployment; needs PREFECT_API_URL (thinair server)")
+    serve.add_argument("--cron", default=None, help="regeneration schedule, cron syntax (default: every --interval)")
+    serve.add_argument("--interval", type=int, default=3600, help="regeneration every N seconds (default 3600)")
+    serve.add_argument("--no-push", action="store_true", help="scheduled runs do not dvc push")
     return ap
 
 
@@ -61,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "preset":
         return _preset(args)
+    if args.command in ("server", "serve", "pipeline", "regenerate"):
+        from thinair import serving
+
+        return serving.main(args)
     try:
         params = load_params(args.params, args.set)
     except ParamsError as err:
@@ -88,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         flow = getattr(module, f"{args.command}_flow").with_options(task_runner=task_runner(
             params.base.workers, params.base.task_runner, params.base.cluster_address))
-        result = flow(params=params, root=args.root)
+        parent = os.environ.get("THINAIR_PIPELINE_RUN")
+        if parent:  # run by the `pipeline` flow: tag this stage's run so the UI shows which pipeline run made it
+            from prefect import tags
+
+            with tags("thinair-pipeline", f"pipeline-{parent[:8]}"):
+                result = flow(params=params, root=args.root)
+        else:
+            result = flow(params=params, root=args.root)
     except _known_errors() as err:
         print(f"thinair {args.command}: failed: {err}", file=sys.stderr)
         return EXIT_FAILED
