@@ -95,6 +95,9 @@ def test_dvc_repro_killed_mid_invert_resumes_to_identical_outputs(tmp_path):
     proc.wait()
     again = _repro(proj, env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "invert chunk 0: reused from cache" in again.stdout + again.stderr
+    log = again.stdout + again.stderr
+    # the finished chunk is not recomputed: a Prefect cache hit (or, if its record was not yet written, a chunk
+    # cache hit); the killed run's device slots are reclaimed (their leases expire), so the resumed run finishes
+    assert "Cached(type=COMPLETED)" in log or "invert chunk 0: reused from cache" in log
     assert "invert chunk 1: resuming from step" in again.stdout + again.stderr
     assert _digests(proj) == _digests(tmp_path / "ref")
