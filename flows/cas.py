@@ -20,7 +20,7 @@ def cas_flow(params: Params | None = None, params_path: str = "params.yaml", roo
         mine = [j for j in jobs if j["kind"] == kind]
         records += fan_out(cas_job_task, [(params, j, root) for j in mine], root, f"cas-{kind}",
                            [_name(j) for j in mine])
-    out = summarize(params, records, root)
+    out = summarize(params, [{k: v for k, v in r.items() if k != "outputs"} for r in records], root)
     publish_tables(tables(root))
     return out
 

@@ -77,3 +77,20 @@ def test_regenerate_does_nothing_when_unchanged_and_exactly_the_stale_stages_aft
     assert pull.returncode == 0, pull.stderr
     assert _digests(proj) == after
     assert io.read_json(proj / "data" / "sample" / "manifest.json")["params"]["guidance_scales"] == [3.0]
+
+
+def test_overrides_rewrite_only_their_lines_and_keep_comments(tmp_path):
+    from pathlib import Path
+
+    original = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(original)
+    assert dvcrun.apply_overrides(tmp_path, ["sample.samples_per_setting=5"]) == []  # unchanged value: no write
+    assert (tmp_path / "params.yaml").read_text() == original
+    assert dvcrun.apply_overrides(tmp_path, ["sample.guidance_scales=[3.0, 4.0]", "base.revision=v1"]) == \
+        ["sample.guidance_scales", "base.revision"]
+    new = (tmp_path / "params.yaml").read_text().splitlines()
+    old = original.splitlines()
+    differ = [(a, b) for a, b in zip(old, new) if a != b]
+    assert len(new) == len(old) and len(differ) == 2
+    assert differ[1][1].startswith("  guidance_scales: [3.0, 4.0]") and "# paper default 2" in differ[1][1]
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["base"]["revision"] == "v1"

@@ -9,14 +9,17 @@ the DVC remote. Reads and writes ``params.yaml``, ``dvc.lock``, ``data/`` and th
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
 import yaml
 
 from thinair.config import load_params
+from thinair.io import atomic_path
 
 log = logging.getLogger(__name__)
 _CWD_LOCK = threading.Lock()
@@ -39,26 +42,53 @@ def repo(root: str | Path):
 
 
 def apply_overrides(root: str | Path, overrides: list[str]) -> list[str]:
-    """Validate ``section.key=value`` overrides against params.yaml, then write them into it.
+    """Validate ``section.key=value`` overrides against params.yaml, then write the changed ones into it.
 
-    Nothing is written if any override is invalid (raises ParamsError naming it). Returns the keys changed.
+    Nothing is written if any override is invalid (raises ParamsError naming it) or none changes a value.
+    Only the changed keys' lines are rewritten, so comments and layout stay. Returns the keys changed.
     """
     path = Path(root) / "params.yaml"
     if not overrides:
         return []
     load_params(path, overrides)  # raises ParamsError before anything is written
-    from dvc.utils.serialize import modify_yaml
-
-    changed = []
-    with modify_yaml(path) as data:
-        for item in overrides:
-            key, value = item.split("=", 1)
-            section, name = key.strip().split(".", 1)
-            new = yaml.safe_load(value)
-            if data[section].get(name) != new:
-                data[section][name] = new
-                changed.append(key.strip())
+    current = yaml.safe_load(path.read_text())
+    text, changed = path.read_text(), []
+    for item in overrides:
+        key, value = (part.strip() for part in item.split("=", 1))
+        section, name = key.split(".", 1)
+        new = yaml.safe_load(value)
+        if current.get(section, {}).get(name, object()) == new:
+            continue
+        text = _set_line(text, section, name, new)
+        changed.append(key)
+    if changed:
+        assert {k: yaml.safe_load(text)[k.split(".")[0]][k.split(".")[1]] for k in changed}  # still valid YAML
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
     return changed
+
+
+def _set_line(text: str, section: str, name: str, value) -> str:
+    """`section.name: value` in a two-level YAML text, keeping the line's comment; appended if absent."""
+    flow = json.dumps(value)  # JSON is YAML flow style: numbers, strings, lists, null
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if re.match(rf"{re.escape(section)}:(\s|$)", ln)), None)
+    if start is None:
+        return text.rstrip("\n") + f"\n\n{section}:\n  {name}: {flow}\n"
+    end = start + 1
+    while end < len(lines) and (lines[end].startswith((" ", "\t")) or not lines[end].strip()):
+        m = re.match(rf"(\s+){re.escape(name)}:(\s*)(.*?)(\s+#.*)?(\n?)$", lines[end])
+        if m:
+            comment = m.group(4) or ""
+            spaces = len(comment) - len(comment.lstrip())
+            pad = " " * max(1, len(m.group(3)) + spaces - len(flow)) if comment else ""
+            lines[end] = f"{m.group(1)}{name}: {flow}{pad}{comment.lstrip()}{m.group(5)}"
+            return "".join(lines)
+        end += 1
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1
+    lines.insert(end, f"  {name}: {flow}\n")
+    return "".join(lines)
 
 
 def stale_stages(root: str | Path) -> list[str]:
