@@ -42,8 +42,8 @@ def status_task(root: str) -> list[str]:
 
 
 @task(name="dvc-repro", cache_policy=NO_CACHE, retries=0)
-def stage_task(root: str, stage: str, env: dict) -> bool:
-    ran = dvcrun.reproduce_stage(root, stage, env)
+def stage_task(root: str, stage: str, env: dict, force: bool = False) -> bool:
+    ran = dvcrun.reproduce_stage(root, stage, env, force)
     log.info("%s: %s", stage, "reproduced" if ran else "up to date, skipped")
     return ran
 
@@ -55,20 +55,20 @@ def push_task(root: str) -> int:
     return n
 
 
-def run(root: str, overrides: list[str], push: bool) -> dict:
+def run(root: str, overrides: list[str], push: bool, force: bool = False) -> dict:
     from prefect.runtime import flow_run
 
     changed = dvcrun.apply_overrides(root, overrides)
     if changed:
         log.info("params.yaml: set %s", ", ".join(changed))
-    if not status_task(root):
+    if not status_task(root) and not force:
         return {"changed_params": changed, "reproduced": [], "pushed": 0}
     env = {dvcrun.PARENT_RUN_ENV: str(flow_run.get_id() or "")}
     url = _server_url()
     if url:
         env["PREFECT_API_URL"] = url
     ran = [s for s in dvcrun.stage_order(root)
-           if stage_task.with_options(task_run_name=f"dvc-repro-{s}")(root, s, env)]
+           if stage_task.with_options(task_run_name=f"dvc-repro-{s}")(root, s, env, force and s != "pretrain")]
     pushed = push_task(root) if push else 0
     return {"changed_params": changed, "reproduced": ran, "pushed": pushed}
 
@@ -76,15 +76,17 @@ def run(root: str, overrides: list[str], push: bool) -> dict:
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(dataset: str | None = None, generator: str | None = None, guidance_scales: list[float] | None = None,
                   samples_per_setting: int | None = None, invert_steps: int | None = None,
-                  overrides: dict[str, Any] | None = None, push: bool = False, root: str = ".") -> dict:
+                  overrides: dict[str, Any] | None = None, push: bool = False, force: bool = False,
+                  root: str = ".") -> dict:
     """The whole pipeline with its main knobs editable (None = as in params.yaml); `overrides` takes any other
-    ``{"section.key": value}``. Only the stages these changes make stale are re-run."""
+    ``{"section.key": value}``. Only the stages these changes make stale are re-run; `force` re-runs every stage
+    but the embedded generator's training (their finished tasks come from the Prefect cache)."""
     import json
 
     sets = {"base.dataset": dataset, "base.generator": generator, "sample.guidance_scales": guidance_scales,
             "sample.samples_per_setting": samples_per_setting, "invert.steps": invert_steps} | (overrides or {})
     items = [f"{k}={json.dumps(v)}" for k, v in sets.items() if v is not None]
-    return run(os.path.abspath(root), items, push)
+    return run(os.path.abspath(root), items, push, force)
 
 
 @flow(name="regenerate", log_prints=True)

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     pipe = sub.add_parser("pipeline", help="the whole DAG through DVC as one Prefect flow: write -S overrides into "
                           "params.yaml, reproduce exactly the stale stages (dvc.lock updated)")
     pipe.add_argument("--push", action="store_true", help="dvc push the new versions afterwards")
+    pipe.add_argument("--force", action="store_true", help="re-run every stage but pretrain (dvc repro -f): their "
+                      "finished tasks are Prefect cache hits")
     regen = sub.add_parser("regenerate", help="what the scheduled deployment runs: reproduce the stale stages (none: "
                            "done in seconds), then dvc push")
     regen.add_argument("--no-push", action="store_true", help="do not dvc push afterwards")

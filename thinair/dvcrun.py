@@ -105,13 +105,14 @@ def stage_order(root: str | Path) -> list[str]:
         return [s.addressing.split(":")[-1] for s in plan_repro(get_active_graph(r.index.graph))]
 
 
-def reproduce_stage(root: str | Path, stage: str, env: dict | None = None) -> bool:
-    """``dvc repro -s <stage>``: run it if it is stale now; record it in dvc.lock. Returns whether it ran."""
+def reproduce_stage(root: str | Path, stage: str, env: dict | None = None, force: bool = False) -> bool:
+    """``dvc repro -s [-f] <stage>``: run it if it is stale now (or always, with `force`: its finished tasks are
+    then Prefect cache hits); record it in dvc.lock. Returns whether it ran."""
     old = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     try:
         with repo(root) as r:
-            return bool(r.reproduce(stage, single_item=True))
+            return bool(r.reproduce(stage, single_item=True, force=force))
     finally:
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

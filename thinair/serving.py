@@ -84,7 +84,7 @@ def main(args) -> int:
                 import yaml
 
                 overrides[k] = yaml.safe_load(v)
-            result = pipeline_flow(overrides=overrides, push=args.push, root=args.root)
+            result = pipeline_flow(overrides=overrides, push=args.push, force=args.force, root=args.root)
         else:
             result = regenerate_flow(push=not args.no_push, root=args.root)
     except ParamsError as err:
