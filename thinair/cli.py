@@ -7,6 +7,7 @@ dataset or generator, non-finite loss) exit with status 1 and a one-paragraph ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -65,8 +66,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from thinair.features import FeaturesUnavailable
     from thinair.orchestration import RunnerUnavailable
     from thinair.tasks.invert import NonFiniteLoss
+    from thinair.workspace import WorkspaceBusy
 
-    return (DatasetUnavailable, GeneratorUnavailable, StageInputMissing, NonFiniteLoss, FeaturesUnavailable,
+    return (WorkspaceBusy, DatasetUnavailable, GeneratorUnavailable, StageInputMissing, NonFiniteLoss, FeaturesUnavailable,
             RunnerUnavailable, ValueError, OSError)
 
 
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.params}: OK")
         return 0
     from thinair.orchestration import configure, task_runner
+    from thinair.workspace import exclusive
 
     configure()
     logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
@@ -111,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         flow = getattr(module, f"{args.command}_flow").with_options(task_runner=task_runner(
             params.base.workers, params.base.task_runner, params.base.cluster_address))
         parent = os.environ.get("THINAIR_PIPELINE_RUN")
-        if parent:  # run by the `pipeline` flow: tag this stage's run so the UI shows which pipeline run made it
-            from prefect import tags
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(exclusive(args.root, args.command))  # one run per workspace at a time
+            if parent:  # run by the `pipeline` flow: tag this stage's run so the UI shows which pipeline run made it
+                from prefect import tags
 
-            with tags("thinair-pipeline", f"pipeline-{parent[:8]}"):
-                result = flow(params=params, root=args.root)
-        else:
+                stack.enter_context(tags("thinair-pipeline", f"pipeline-{parent[:8]}"))
             result = flow(params=params, root=args.root)
     except _known_errors() as err:
         print(f"thinair {args.command}: failed: {err}", file=sys.stderr)
