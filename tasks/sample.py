@@ -27,7 +27,8 @@ from thinair.devices import device_slot, set_threads, with_halving
 from thinair.generator import generator_for, generator_identity, runtime_key
 from thinair.images import to_uint8
 from thinair.orchestration import task_options
-from thinair.stage import ChunkCache, clean_dir, content_key, source_hash, publish, require, upstream_chunks
+from thinair.stage import (ChunkCache, clean_dir, content_key, inputs_digest, publish, require, source_hash,
+                           upstream_chunks)
 
 STAGE = "sample"
 log = logging.getLogger(__name__)
@@ -90,6 +91,43 @@ def mean_embeddings(emb: torch.Tensor, labels: torch.Tensor, chunks: torch.Tenso
     return out
 
 
+def class_contexts(params: Params, bank: dict, root: str | Path = "."):
+    """For the class-conditional methods: replace every bank row's embedding by its class's context (the
+    `classenc` stage's encoder, or the generator's class tokens) and return the sample params without
+    perturbation (interpolation and noise 0) plus the unconditional contexts (the learned null context)."""
+    p = params.sample
+    if p.method == "class_encoder":
+        from thinair.classenc import load_encoder
+
+        f = require(paths.stage_dir("classenc", root) / "encoder.safetensors", "classenc")
+        enc = load_encoder(f)
+        with torch.no_grad():
+            table, null = enc.encode(torch.arange(enc.num_classes)), enc.encode(torch.tensor([-1]))[0]
+    else:
+        f = class_tokens_file(params.base)
+        tokens = io.load_tensors(f)["tokens"]  # (C + 1, T, D), the last row is the null context
+        table, null = tokens[:-1], tokens[-1]
+    if int(bank["labels"].max()) >= len(table):
+        raise ValueError(f"{f} has contexts for {len(table)} classes but the dataset has labels up to "
+                         f"{int(bank['labels'].max())}; re-run `thinair classenc` (or use sample.method: inversion)")
+    for c in p.checkpoints:
+        bank[c] = table[bank["labels"]]
+    unconds = {c: null.expand_as(bank[c]) for c in p.checkpoints}
+    return p.model_copy(update={"interpolation": 0.0, "noise": 0.0}), unconds
+
+
+def class_tokens_file(base) -> Path:
+    from thinair.generator import GeneratorUnavailable
+
+    f = Path(base.generator).expanduser() / "class_tokens.safetensors"
+    if not f.is_file():
+        raise GeneratorUnavailable(
+            f"sample.method: class_tokens needs the generator's class tokens ({f} is missing): only a generator "
+            "trained class-conditionally by `thinair pretrain` has them. With Stable Diffusion use sample.method: "
+            "class_encoder (a trained class encoder) or inversion.")
+    return f
+
+
 def unconditional(emb: torch.Tensor, bank: dict, scope: str, base) -> torch.Tensor:
     """Unconditional context per bank row: (N, T, D), or (N, 77, D) for the empty-prompt ablation."""
     if scope == "empty_prompt":
@@ -130,8 +168,10 @@ def chunk_key(params: Params, chunk: int, root: str | Path = ".") -> str:
     inv_file = require(inv_dir / paths.chunk_name("train", chunk, "safetensors"), "invert")
     h, _, channels = io.read_json(require(paths.stage_dir("ingest", root) / io.MANIFEST, "ingest"))["image_shape"]
     bank = [io.file_sha256_memo(inv_dir / f) for f in upstream_chunks("invert", root)]
+    method = [] if p.method == "inversion" else [source_hash("thinair.classenc"), inputs_digest(root, "classenc")] \
+        if p.method == "class_encoder" else [io.file_sha256_memo(class_tokens_file(b))]
     return content_key(STAGE, source_hash(__name__), generator_identity(b), runtime_key(b), p.model_dump(mode="json"),
-                       b.seed, chunk, b.save_resolution or h, channels, b.gen_resolution, inv_file, bank)
+                       b.seed, chunk, b.save_resolution or h, channels, b.gen_resolution, inv_file, bank, *method)
 
 
 def sample_chunk(params: Params, chunk: int, root: str | Path = ".", device=None) -> dict:
@@ -145,11 +185,19 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".", device=None
     hit = cache.get(key, name)
     if hit is None:
         bank = load_bank(root, p.checkpoints)
+        gen_model, device = generator_for(b, chunk, device)
+        unet = gen_model.unet
+        if p.method == "inversion":
+            unconds = {c: unconditional(bank[c], bank, p.uncond, b) for c in p.checkpoints}
+        else:  # class-conditional: every row's context is its class's, no perturbation
+            p, unconds = class_contexts(params, bank, root)
+            if params.sample.method == "class_encoder":
+                from thinair.tasks.classenc import unet_for
+
+                unet = unet_for(gen_model, params, root)
         rows = torch.nonzero(bank["chunk"] == chunk).flatten().numpy()
         labels = bank["labels"].numpy()
         plan = plan_variants(labels, rows, p, b.seed, chunk)
-        unconds = {c: unconditional(bank[c], bank, p.uncond, b) for c in p.checkpoints}
-        gen_model, device = generator_for(b, chunk, device)
         latent = b.gen_resolution // gen_model.vae_factor
 
         def generate(batch_size: int) -> list[np.ndarray]:
@@ -161,7 +209,7 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".", device=None
                 lat0 = torch.stack([torch.randn(4, latent, latent, generator=g) for g in gens])  # (B, 4, h, w)
                 uncond = torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
                 w = torch.tensor([r["w"] for r in recs])
-                lat = denoise(gen_model.unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
+                lat = denoise(unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
                               uncond.to(device), w.to(device), p.steps, p.batched_guidance)
                 with torch.no_grad():
                     x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
@@ -201,7 +249,8 @@ def provenance(params: Params, files: list[str], root: str | Path = "."):
         alpha = np.where(z["partner_index"] >= 0, p.interpolation, 0.0)
         frames.append(pd.DataFrame({
             "file": f, "row": np.arange(n), "label": z["labels"], "source_index": z["source_index"],
-            "partner_index": z["partner_index"], "alpha": alpha, "lambda": p.noise, "guidance": z["guidance"],
+            "partner_index": z["partner_index"], "alpha": alpha,
+            "lambda": p.noise if p.method == "inversion" else 0.0, "method": p.method, "guidance": z["guidance"],
             "checkpoint": z["checkpoint"], "uncond": p.uncond, "scheduler": p.scheduler, "steps": p.steps,
             "seed": z["seed"]}))
     return pd.concat(frames, ignore_index=True)

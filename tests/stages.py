@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from thinair.tasks import cas, encode, ingest, invert, metrics, report, sample
+from thinair.tasks import cas, classenc, encode, ingest, invert, metrics, report, sample
 
-ORDER = ("ingest", "encode", "invert", "sample", "metrics", "cas", "report")
+ORDER = ("ingest", "encode", "invert", "classenc", "sample", "metrics", "cas", "report")
 
 
 def run_stage(stage: str, params, root):
@@ -20,7 +20,8 @@ def run_stage(stage: str, params, root):
         mod = invert if stage == "invert" else sample
         run = mod.invert_chunk if stage == "invert" else mod.sample_chunk
         return mod.finalize(params, [run(params, i, root) for i in range(mod.chunk_count(root))], root)
-    return {"metrics": metrics.metrics, "cas": cas.cas, "report": report.report}[stage](params, root)
+    return {"classenc": classenc.train, "metrics": metrics.metrics, "cas": cas.cas,
+            "report": report.report}[stage](params, root)
 
 
 def run_all(params, root, stages=ORDER):

@@ -14,7 +14,7 @@ from thinair import dvcrun, io
 from thinair.config import ParamsError
 from tests.test_dvc_repro import _digests, _project
 
-STAGES = ["ingest", "pretrain", "encode", "invert", "sample", "metrics", "cas", "report"]
+STAGES = ["ingest", "pretrain", "encode", "invert", "classenc", "sample", "metrics", "cas", "report"]
 
 
 @pytest.fixture

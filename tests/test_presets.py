@@ -30,3 +30,15 @@ def test_preset_cli_prints_the_experiment(capsys):
 def test_unknown_preset_is_refused(capsys):
     assert main(["--params", str(ROOT / "params.yaml"), "preset", "mnist"]) == 2
     assert "choose one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["method-inversion", "method-class-encoder", "method-class-encoder-lora",
+                                  "method-class-tokens"])
+def test_method_presets_are_valid_experiments(name, capsys):
+    from thinair.presets import METHODS
+
+    sets = set_args(name)
+    p = load_params(ROOT / "params.yaml", [sets[i + 1] for i in range(0, len(sets), 2)])
+    assert p.sample.method == METHODS[name]["params"]["sample.method"]
+    assert main(["--params", str(ROOT / "params.yaml"), "preset", name]) == 0
+    assert capsys.readouterr().out.startswith(f"dvc exp run -n {name} -S sample.method=")

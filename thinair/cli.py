@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("params", help="print every parameter with its default and meaning (markdown)")
     pre = sub.add_parser("preset", help="the paper's settings for a dataset, as a `dvc exp run` command")
     pre.add_argument("name", help="cifar10, cifar100, stl10, imagenette, eurosat, pathmnist, dermamnist, "
-                     "bloodmnist, retinamnist")
+                     "bloodmnist, retinamnist; or a steering method on the current dataset: method-inversion, "
+                     "method-class-encoder, method-class-encoder-lora, method-class-tokens")
     pre.add_argument("--run", action="store_true", help="run the experiment now (dvc exp run)")
     pipe = sub.add_parser("pipeline", help="the whole DAG through DVC as one Prefect flow: write -S overrides into "
                           "params.yaml, reproduce exactly the stale stages (dvc.lock updated)")
@@ -145,7 +146,7 @@ def _preset(args) -> int:
     except (ValueError, ParamsError) as err:
         print(f"thinair preset: {err}", file=sys.stderr)
         return EXIT_PARAMS
-    cmd = ["dvc", "exp", "run", "-n", f"paper-{args.name}"] + sets
+    cmd = ["dvc", "exp", "run", "-n", args.name if args.name.startswith("method-") else f"paper-{args.name}"] + sets
     print(shlex.join(cmd))
     return subprocess.call(cmd) if args.run else 0
 

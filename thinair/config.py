@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("ingest", "pretrain", "encode", "invert", "sample", "metrics", "cas", "report")
+STAGES = ("ingest", "pretrain", "encode", "invert", "classenc", "sample", "metrics", "cas", "report")
 
 
 class ParamsError(ValueError):
@@ -125,7 +125,38 @@ class Invert(_Section):
         return v
 
 
+class Classenc(_Section):
+    tokens: int = Field(100, ge=1, le=256, description="Class-encoder context tokens (seed 002: 100).")
+    hidden: int = Field(500, ge=1, description="Hidden width of the one-hot -> MLP encoder (seed 002: 500).")
+    steps: int = Field(2000, ge=1, description="Encoder training steps against the frozen UNet (phase 1).")
+    batch_size: int = Field(64, ge=1, description="Images per step (seed 002: 64).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate, cosine decay (seed 002: 1e-4).")
+    weight_decay: float = Field(0.004, ge=0, description="Decoupled weight decay (seed 002: 0.004).")
+    grad_clip: float = Field(10.0, gt=0, description="Global gradient-norm clip (seed 002: 10).")
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of labels replaced by the learned "
+                                 "unconditional index, for classifier-free guidance.")
+    immiscible: Literal["off", "assign", "knn"] = Field("off", description="Immiscible noise pairing (seed 004): "
+                                                        "assign = linear assignment per batch, knn = nearest of k.")
+    knn_k: int = Field(4, ge=1, description="Noises drawn per image for immiscible: knn.")
+    finetune: Literal["none", "full", "lora"] = Field("none", description="Phase 2: fine-tune the pretrained UNet "
+                                                       "with the encoder frozen (all weights, or peft LoRA).")
+    finetune_steps: int = Field(500, ge=1, description="Phase 2 steps.")
+    finetune_lr: float = Field(1e-5, gt=0, description="Phase 2 learning rate (seed 002: 1e-5).")
+    lora_rank: int = Field(4, ge=1, description="LoRA rank for finetune: lora.")
+    checkpoint_every: int = Field(500, ge=1, description="Resume checkpoint interval (steps).")
+
+    @field_validator("immiscible", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+
 class Sample(_Section):
+    method: Literal["inversion", "class_encoder", "class_tokens"] = Field(
+        "inversion", description="How images are steered: inversion = Diffusion Inversion's per-image embeddings; "
+        "class_encoder = the class encoder trained by the `classenc` stage (seed 002); class_tokens = the "
+        "generator's own class tokens (the embedded generator's class-conditional prompts, the prompt baseline "
+        "when a generator has no text encoder). Every method makes the same number of images per train image.")
     checkpoints: list[int | Literal["final"]] = Field(
         ["final"], min_length=1, description="Embedding checkpoints (steps, or final) to sample from (paper: 1000, "
         "2000, 3000).")
@@ -224,6 +255,7 @@ class Params(_Section):
     pretrain: Pretrain = Pretrain()
     encode: Encode = Encode()
     invert: Invert = Invert()
+    classenc: Classenc = Classenc()
     sample: Sample = Sample()
     metrics: Metrics = Metrics()
     cas: Cas = Cas()

@@ -53,7 +53,10 @@ def load_folder(root: Path, *, test_fraction: float, image_size: int | None, cor
                                      "it, or set ingest.corrupt: skip") from None
                 skipped.append({"path": str(f), "reason": f"{type(err).__name__}: {err}"})
         if len(images) == n_before:
-            raise ValueError(f"image folder {root}: class folder {cls!r} has no readable images")
+            found = f"{len(files)} image file(s), none readable" if files else \
+                f"no {'/'.join(sorted(e[1:] for e in IMG_EXT))} files"
+            raise ValueError(f"image folder {root}: class folder {cls!r} has no readable images ({found}); add "
+                             f"images to {root / cls} or remove that folder")
     size = image_size or min(Counter(im.size for im in images).most_common(1)[0][0])
     grey = all(im.mode == "L" for im in images)
     arr = np.stack([_square(im if grey else im.convert("RGB"), size) for im in images])

@@ -42,13 +42,24 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The steering methods side by side on the current dataset (same ingest/metrics/cas/report, equal synthetic
+# count): `thinair preset method-class-encoder --run`, then `dvc exp show`.
+METHODS: dict[str, dict] = {
+    "method-inversion": {"params": {"sample.method": "inversion"}},
+    "method-class-encoder": {"params": {"sample.method": "class_encoder"}},
+    "method-class-encoder-lora": {"params": {"sample.method": "class_encoder", "classenc.finetune": "lora"}},
+    "method-class-tokens": {"params": {"sample.method": "class_tokens"}},
+}
+
+
 def set_args(name: str) -> list[str]:
     """``-S key=value`` arguments of `dvc exp run` for preset `name` (values in YAML flow syntax)."""
     import yaml
 
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    table = PRESETS | METHODS
+    if name not in table:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
     out = []
-    for key, value in PRESETS[name]["params"].items():
+    for key, value in table[name]["params"].items():
         out += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
     return out
