@@ -23,6 +23,7 @@ from thinair.stage import content_key, files_under, inputs_digest, read_split, r
 
 STAGE = "report"
 SWEEP = Path("benchmarks") / "steps_sweep.json"
+METHODS = Path("benchmarks") / "methods.json"
 METRIC_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage")
 
 PAPER_CAS = {  # ResNet-18 test accuracy (%), "Training on Thin Air" Table: real / DI only / real + DI
@@ -95,6 +96,20 @@ def sweep_section(path: Path) -> str:
         rows) + f"<p>{html.escape(sweep['note'])}</p>")
 
 
+def methods_section(path: Path) -> str:
+    """The steering methods side by side (benchmarks/methods.py) as an HTML table ("" when not run)."""
+    if not path.is_file():
+        return ""
+    data = io.read_json(path)
+    names = {"real": "real data", "inversion": "Diffusion Inversion", "class_encoder": "class encoder (seed 002)",
+             "class_tokens": "class tokens (prompt baseline)"}
+    rows = [[names.get(r["method"], r["method"]), r["images"], 100 * r["cas"]["mean"], 100 * r["cas"]["std"],
+             r["fid"], r["kid"], r["precision"], r["recall"], r["density"], r["coverage"]] for r in data["rows"]]
+    return ("<h2>Steering methods side by side</h2>" + _table(
+        ["method", "images", "CAS (%)", "± std", "FID", "KID", "precision", "recall", "density", "coverage"], rows)
+        + f"<p>{html.escape(data['note'])}</p>")
+
+
 def report(params: Params, root: str | Path = ".") -> Path:
     b, p = params.base, params.report
     train = read_split("train", root)
@@ -127,7 +142,7 @@ def report(params: Params, root: str | Path = ".") -> Path:
     cas_header += ["paper, ResNet-18 (%)"] if paper else []
     scaling_png = paths.stage_dir("cas", root) / "scaling.png"
     scaling_img = base64.b64encode(scaling_png.read_bytes()).decode() if scaling_png.is_file() else ""
-    sweep_html = sweep_section(Path(root) / SWEEP)
+    sweep_html = methods_section(Path(root) / METHODS) + sweep_section(Path(root) / SWEEP)
     loss_rows = [[f, v["first"], v["last"]] for f, v in losses["chunks"].items()]
     img = base64.b64encode(grid_png).decode()
     labels = " ".join(f"<li>{html.escape(n)}</li>" for n in train.class_names)
@@ -166,10 +181,10 @@ sampler {html.escape(sp['scheduler'])}, {sp['steps']} steps, guidance {sp['guida
 
 def stage_key(params: Params, root: str | Path = ".") -> str:
     """The code, every param and every input the report shows."""
-    sweep = Path(root) / SWEEP
+    extras = [Path(root) / f for f in (SWEEP, METHODS)]
     return content_key(STAGE, source_hash(__name__), params.model_dump(mode="json"),
                        inputs_digest(root, "ingest", "invert", "sample", "metrics", "cas"),
-                       io.file_sha256(sweep) if sweep.is_file() else None)
+                       [io.file_sha256(f) if f.is_file() else None for f in extras])
 
 
 @task(name="report", **task_options(retries=1, delay=5, cache=("report", stage_key)))

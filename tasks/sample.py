@@ -187,6 +187,11 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".", device=None
         bank = load_bank(root, p.checkpoints)
         gen_model, device = generator_for(b, chunk, device)
         unet = gen_model.unet
+        width = bank[p.checkpoints[0]].shape[-1]
+        if p.method == "inversion" and width != gen_model.cross_attention_dim:
+            raise ValueError(f"data/invert holds {width}-wide embeddings but base.generator={b.generator!r} has "
+                             f"cross_attention_dim {gen_model.cross_attention_dim}: they were learned with another "
+                             "generator. Re-run `thinair encode` and `thinair invert` (or `dvc repro`) with this one.")
         if p.method == "inversion":
             unconds = {c: unconditional(bank[c], bank, p.uncond, b) for c in p.checkpoints}
         else:  # class-conditional: every row's context is its class's, no perturbation

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -123,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(tags("thinair-pipeline", f"pipeline-{parent[:8]}"))
             result = flow(params=params, root=args.root)
     except _known_errors() as err:
-        print(f"thinair {args.command}: failed: {err}", file=sys.stderr)
+        hint = ""
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            hint = ("\nThe disk is full: free space (or move the project to a larger disk) and run the same command "
+                    "again; finished chunks are kept and the partial file was removed.")
+        print(f"thinair {args.command}: failed: {err}{hint}", file=sys.stderr)
         return EXIT_FAILED
     print(f"thinair {args.command}: done in {time.time() - t0:.1f}s")
     if isinstance(result, dict):

@@ -294,6 +294,8 @@ def _format(err: ValidationError, source: str) -> str:
             close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             lines.append(f"  - {key}: unknown key (value {e['input']!r}).{hint} Allowed keys here: {', '.join(allowed)}")
+        elif not e["loc"]:  # a check across sections: its message names the keys
+            lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  - {key}: got {e.get('input')!r}; {e['msg']}")
     lines.append("Fix params.yaml (or the -S/--set override) and run again; nothing was written.")

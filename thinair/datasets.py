@@ -294,5 +294,11 @@ def _medmnist(name: str, root: Path, download: bool) -> RawDataset:
         return x[..., None] if x.ndim == 3 else x
 
     names = [info["label"][k] for k in sorted(info["label"], key=int)]
+    for split, y in (("train", tr_y), ("test", te_y)):
+        if y.size and (y.min() < 0 or y.max() >= len(names)):
+            raise ValueError(
+                f"dataset {name!r}: {path} has {split} labels in [{y.min()}, {y.max()}] but {name} has {len(names)} "
+                f"classes (labels 0..{len(names) - 1}), so it is not the original MedMNIST file. Replace it with the "
+                f"original {name}.npz, or delete it and run with ingest.download: true.")
     return RawDataset(img(tr_x).astype(np.uint8), tr_y.reshape(-1).astype(np.int64),
                       img(te_x).astype(np.uint8), te_y.reshape(-1).astype(np.int64), names)

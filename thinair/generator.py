@@ -117,8 +117,9 @@ def load_generator(source: str, revision: str | None = None, device: str | torch
     except (OSError, ValueError, EnvironmentError) as err:
         where = "local directory" if is_local else "hub model"
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        why = str(err).splitlines()[0].rstrip(".")
         raise GeneratorUnavailable(
-            f"base.generator={source!r}: the {where} could not be loaded{offline}: {str(err).splitlines()[0]}. "
+            f"base.generator={source!r}: the {where} could not be loaded{offline}: {why}. "
             "Fix: on a machine with network access run once to fill the Hugging Face cache (or "
             "`huggingface-cli download` it), or point base.generator at a local diffusers directory.") from None
     unet.requires_grad_(False).eval().to(device)

@@ -5,6 +5,7 @@ imported (``configure()``), so every `thinair` command behaves the same without 
 """
 from __future__ import annotations
 
+import errno
 import os
 
 # Errors that no retry can fix: bad params, missing inputs, unusable data or model.
@@ -31,6 +32,8 @@ def retry_transient(task, task_run, state) -> bool:
     try:
         state.result(raise_on_failure=True)
     except BaseException as err:  # noqa: BLE001 - we only classify it
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return False  # a full disk does not empty itself in 10 s
         return not any(cls.__name__ in PERMANENT for cls in type(err).__mro__)
     return False
 

@@ -1,0 +1,117 @@
+"""The steering methods side by side at equal synthetic count: real data, Diffusion Inversion, the class encoder
+(seed 002) and the generator's class tokens (the prompt baseline when there is no text encoder).
+
+Run by hand in a workspace where `dvc repro` has produced ``data/ingest``, ``data/encode`` and ``data/invert``:
+
+    python benchmarks/methods.py                       # about 10 min on 2 CPU cores (embedded default)
+    python benchmarks/methods.py --methods inversion,class_encoder --seeds 3
+
+For each method it runs the real `classenc` (when needed), `sample`, `metrics` and `cas` stage code in a scratch
+workspace ``.thinair/methods/<method>/`` linked to the main workspace's ingest/encode/invert outputs, with the
+params of ``params.yaml`` and ``sample.method`` set (so every method makes the same number of images per train
+image). CAS is synthetic-only over ``--seeds`` seeds; the `real` row trains on the real train split instead and
+its distribution metrics are the floor (real test vs real train). Prints one table and writes
+``benchmarks/methods.json``, which the `report` stage shows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("inversion", "class_encoder", "class_tokens")
+KEYS = ("fid", "kid", "precision", "recall", "density", "coverage")
+
+
+def link_inputs(ws: Path, root: Path) -> None:
+    (ws / "data").mkdir(parents=True, exist_ok=True)
+    for stage in ("ingest", "encode", "invert"):
+        dst = ws / "data" / stage
+        if not dst.exists():
+            dst.symlink_to((root / "data" / stage).resolve(), target_is_directory=True)
+
+
+def _params(params_path: str, seeds: int, extra: list[str]):
+    from thinair.config import load_params
+
+    return load_params(params_path, [f"cas.seeds={seeds}", "cas.scale_synthetic=[]", "cas.scale_real=[]",
+                                     "cas.reconstructed_test=false"] + extra)
+
+
+def run_method(root: Path, params_path: str, method: str, seeds: int) -> dict:
+    from thinair.tasks import classenc
+    from thinair.tasks import sample as sample_stage
+    from thinair.tasks.cas import cas
+    from thinair.tasks.metrics import metrics
+
+    ws = root / ".thinair" / "methods" / method
+    link_inputs(ws, root)
+    params = _params(params_path, seeds, [f"sample.method={method}", "cas.modes=[synthetic]"])
+    t0 = time.perf_counter()
+    trained = classenc.train(params, ws)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    records = [sample_stage.sample_chunk(params, c, ws) for c in range(sample_stage.chunk_count(ws))]
+    manifest = sample_stage.finalize(params, records, ws)
+    sample_s = time.perf_counter() - t0
+    m = metrics(params, ws)["synthetic_vs_train"]
+    c = cas(params, ws)["accuracy"]["synthetic"]
+    return {"method": method, "images": manifest["total"], "train_seconds": round(train_s, 1) if trained["trained"]
+            else 0.0, "sample_seconds": round(sample_s, 1), "cas": c, **{k: round(float(m[k]), 4) for k in KEYS}}
+
+
+def run_real(root: Path, params_path: str, seeds: int) -> dict:
+    """CAS trained on the real train split, and the real floor of the metrics (test vs train)."""
+    from thinair.tasks.cas import cas
+    from thinair.tasks.metrics import metrics
+
+    ws = root / ".thinair" / "methods" / "real"
+    link_inputs(ws, root)
+    sample = ws / "data" / "sample"  # metrics/cas read a synthetic set: the inversion one (unused for this row)
+    if not sample.exists():
+        sample.symlink_to((root / "data" / "sample").resolve(), target_is_directory=True)
+    params = _params(params_path, seeds, ["cas.modes=[real]"])
+    m = metrics(params, ws)["test_vs_train"]
+    c = cas(params, ws)["accuracy"]["real"]
+    from thinair.stage import read_split
+
+    return {"method": "real", "images": int(len(read_split("train", ws).labels)), "train_seconds": 0.0,
+            "sample_seconds": 0.0, "cas": c, **{k: round(float(m[k]), 4) for k in KEYS}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of sample.method values")
+    ap.add_argument("--seeds", type=int, default=3, help="CAS trainings per method")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--root", default=".")
+    ap.add_argument("--out", default="benchmarks/methods.json")
+    args = ap.parse_args(argv)
+    root = Path(args.root).resolve()
+    rows = [run_real(root, args.params, args.seeds)]
+    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for method in args.methods.split(","):
+        rows.append(run_method(root, args.params, method, args.seeds))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    note = (f"Synthetic-only CAS over {args.seeds} seeds on the real test split, every method at the same number "
+            f"of images ({rows[1]['images']}); the real row trains on the {rows[0]['images']} real train images and "
+            "its metrics are real test vs real train (the floor). "
+            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {os.cpu_count()} CPUs.")
+    Path(args.out).write_text(json.dumps({"rows": rows, "note": note}, indent=1) + "\n")
+    print(f"{'method':<15}{'images':>8}{'train s':>9}{'sample s':>10}{'CAS %':>8}{'± std':>7}"
+          + "".join(f"{k:>10}" for k in KEYS))
+    for r in rows:
+        print(f"{r['method']:<15}{r['images']:>8}{r['train_seconds']:>9.1f}{r['sample_seconds']:>10.1f}"
+              f"{100 * r['cas']['mean']:>8.2f}{100 * r['cas']['std']:>7.2f}" + "".join(f"{r[k]:>10.4f}" for k in KEYS))
+    print(note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
