@@ -125,10 +125,11 @@ def report(params: Params, root: str | Path = ".") -> Path:
     out = paths.stage_dir(STAGE, root)
     grid_png = png_bytes(grid)
     io.write_bytes(out / "grid.png", grid_png)
-    metric_rows = [[name] + [m[name].get(k, "") for k in METRIC_KEYS] for name in ("synthetic_vs_train", "test_vs_train")]
+    metric_rows = [[name] + [m[name].get(k, "") for k in METRIC_KEYS]
+                   for name in ("synthetic_vs_train", "test_vs_train")]
     per_class = m.get("per_class", {})
-    class_rows = [[f"{k} {train.class_names[int(k)]}"] + [v.get(key, "") if isinstance(v, dict) else "" for key in METRIC_KEYS]
-                  for k, v in per_class.items()]
+    class_rows = [[f"{k} {train.class_names[int(k)]}"]
+                  + [v.get(key, "") if isinstance(v, dict) else "" for key in METRIC_KEYS] for k, v in per_class.items()]
     paper = PAPER_CAS.get(b.dataset)
     cas_rows = []
     for mode, acc in cas["accuracy"].items():

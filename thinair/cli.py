@@ -70,8 +70,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from thinair.tasks.invert import NonFiniteLoss
     from thinair.workspace import WorkspaceBusy
 
-    return (WorkspaceBusy, DatasetUnavailable, GeneratorUnavailable, StageInputMissing, NonFiniteLoss, FeaturesUnavailable,
-            RunnerUnavailable, ValueError, OSError)
+    return (WorkspaceBusy, DatasetUnavailable, GeneratorUnavailable, StageInputMissing, NonFiniteLoss,
+            FeaturesUnavailable, RunnerUnavailable, ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
