@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     configure()
     logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if params.base.task_runner != "thread":
+        _share_temporary_server()
     module = importlib.import_module(f"thinair.flows.{args.command}")
     t0 = time.time()
     try:
@@ -135,6 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         brief = {k: v for k, v in result.items() if not isinstance(v, (list, dict)) or len(str(v)) < 300}
         print(brief)
     return 0
+
+
+def _share_temporary_server() -> None:
+    """Without a configured server, start Prefect's temporary one now and point worker processes at it: each
+    spawned worker would otherwise start a server of its own (seconds each, and a second view of the run)."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance this process's own flow run uses too (stopped at exit)
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
+    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by spawned workers
 
 
 def _preset(args) -> int:
