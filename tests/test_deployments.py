@@ -94,3 +94,12 @@ def test_overrides_rewrite_only_their_lines_and_keep_comments(tmp_path):
     assert len(new) == len(old) and len(differ) == 2
     assert differ[1][1].startswith("  guidance_scales: [3.0, 4.0]") and "# paper default 2" in differ[1][1]
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["base"]["revision"] == "v1"
+
+
+def test_overrides_replace_block_style_values(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"sample": {"guidance_scales": [2.0, 3.0], "noise": 0.1}, "cas": {"modes": ["real", "synthetic"]}}))
+    assert dvcrun.apply_overrides(tmp_path, ["sample.guidance_scales=[4.0]", "cas.modes=[real]"]) == \
+        ["sample.guidance_scales", "cas.modes"]
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == \
+        {"sample": {"guidance_scales": [4.0], "noise": 0.1}, "cas": {"modes": ["real"]}}

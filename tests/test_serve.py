@@ -42,7 +42,9 @@ def test_served_deployment_run_from_the_cli_updates_dvc_lock(tmp_path, prefect_s
         run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "pipeline/thinair", "--param",
                               "guidance_scales=[3.0]", "--watch", "--watch-timeout", "1500"],
                              cwd=proj, env=env, capture_output=True, text=True, timeout=1600)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        if run.returncode != 0:
+            os.killpg(serve.pid, signal.SIGTERM)
+            raise AssertionError(run.stdout[-2000:] + serve.stdout.read()[-6000:])
         lock = yaml.safe_load((proj / "dvc.lock").read_text())
         assert set(lock["stages"]) >= {"ingest", "encode", "invert", "sample", "metrics", "cas", "report"}
         assert lock["stages"]["sample"]["params"]["params.yaml"]["sample"]["guidance_scales"] == [3.0]

@@ -77,12 +77,20 @@ def _set_line(text: str, section: str, name: str, value) -> str:
         return text.rstrip("\n") + f"\n\n{section}:\n  {name}: {flow}\n"
     end = start + 1
     while end < len(lines) and (lines[end].startswith((" ", "\t")) or not lines[end].strip()):
-        m = re.match(rf"(\s+){re.escape(name)}:(\s*)(.*?)(\s+#.*)?(\n?)$", lines[end])
+        eol = "\n" if lines[end].endswith("\n") else ""
+        m = re.fullmatch(rf"(\s+){re.escape(name)}:(\s*)(.*?)(\s+#.*)?()", lines[end].rstrip("\n"))
         if m:
             comment = m.group(4) or ""
             spaces = len(comment) - len(comment.lstrip())
             pad = " " * max(1, len(m.group(3)) + spaces - len(flow)) if comment else ""
-            lines[end] = f"{m.group(1)}{name}: {flow}{pad}{comment.lstrip()}{m.group(5)}"
+            lines[end] = f"{m.group(1)}{name}: {flow}{pad}{comment.lstrip()}{eol}"
+            indent, nxt = len(m.group(1)), end + 1
+            while nxt < len(lines) and lines[nxt].strip():  # drop the old value's block lines (`- item`, nested)
+                ind = len(lines[nxt]) - len(lines[nxt].lstrip())
+                if ind > indent or (ind == indent and lines[nxt].lstrip().startswith("- ")):
+                    del lines[nxt]
+                else:
+                    break
             return "".join(lines)
         end += 1
     while end > start + 1 and not lines[end - 1].strip():
