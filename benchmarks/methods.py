@@ -25,16 +25,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from steps_sweep import link_inputs, sample_and_score  # noqa: E402 - the sibling benchmark's workspace helpers
+
 METHODS = ("inversion", "class_encoder", "class_tokens")
 KEYS = ("fid", "kid", "precision", "recall", "density", "coverage")
-
-
-def link_inputs(ws: Path, root: Path) -> None:
-    (ws / "data").mkdir(parents=True, exist_ok=True)
-    for stage in ("ingest", "encode", "invert"):
-        dst = ws / "data" / stage
-        if not dst.exists():
-            dst.symlink_to((root / "data" / stage).resolve(), target_is_directory=True)
 
 
 def _params(params_path: str, seeds: int, extra: list[str]):
@@ -46,36 +41,31 @@ def _params(params_path: str, seeds: int, extra: list[str]):
 
 def run_method(root: Path, params_path: str, method: str, seeds: int) -> dict:
     from thinair.tasks import classenc
-    from thinair.tasks import sample as sample_stage
-    from thinair.tasks.cas import cas
-    from thinair.tasks.metrics import metrics
 
     ws = root / ".thinair" / "methods" / method
-    link_inputs(ws, root)
+    link_inputs(ws, root, ("ingest", "encode", "invert"))
     params = _params(params_path, seeds, [f"sample.method={method}", "cas.modes=[synthetic]"])
     t0 = time.perf_counter()
     trained = classenc.train(params, ws)
     train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    records = [sample_stage.sample_chunk(params, c, ws) for c in range(sample_stage.chunk_count(ws))]
-    manifest = sample_stage.finalize(params, records, ws)
-    sample_s = time.perf_counter() - t0
-    m = metrics(params, ws)["synthetic_vs_train"]
-    c = cas(params, ws)["accuracy"]["synthetic"]
-    return {"method": method, "images": manifest["total"], "train_seconds": round(train_s, 1) if trained["trained"]
-            else 0.0, "sample_seconds": round(sample_s, 1), "cas": c, **{k: round(float(m[k]), 4) for k in KEYS}}
+    r = sample_and_score(params, ws)
+    return {"method": method, "images": r["images"], "train_seconds": round(train_s, 1) if trained["trained"]
+            else 0.0, "sample_seconds": round(r["seconds"], 1), "cas": r["cas"],
+            **{k: round(float(r["metrics"][k]), 4) for k in KEYS}}
 
 
-def run_real(root: Path, params_path: str, seeds: int) -> dict:
-    """CAS trained on the real train split, and the real floor of the metrics (test vs train)."""
+def run_real(root: Path, params_path: str, seeds: int, synthetic: Path) -> dict:
+    """CAS trained on the real train split, and the real floor of the metrics (test vs train). `synthetic`: a
+    method's data/sample (metrics also compute synthetic vs train; this row reports only test vs train)."""
     from thinair.tasks.cas import cas
     from thinair.tasks.metrics import metrics
 
     ws = root / ".thinair" / "methods" / "real"
-    link_inputs(ws, root)
-    sample = ws / "data" / "sample"  # metrics/cas read a synthetic set: the inversion one (unused for this row)
-    if not sample.exists():
-        sample.symlink_to((root / "data" / "sample").resolve(), target_is_directory=True)
+    link_inputs(ws, root, ("ingest", "encode", "invert"))
+    sample = ws / "data" / "sample"
+    if sample.is_symlink():
+        sample.unlink()
+    sample.symlink_to(synthetic.resolve(), target_is_directory=True)
     params = _params(params_path, seeds, ["cas.modes=[real]"])
     m = metrics(params, ws)["test_vs_train"]
     c = cas(params, ws)["accuracy"]["real"]
@@ -94,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/methods.json")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
-    rows = [run_real(root, args.params, args.seeds)]
-    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    rows = []
     for method in args.methods.split(","):
         rows.append(run_method(root, args.params, method, args.seeds))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    first = root / ".thinair" / "methods" / rows[0]["method"] / "data" / "sample"
+    rows.insert(0, run_real(root, args.params, args.seeds, first))
+    print(json.dumps(rows[0]), file=sys.stderr, flush=True)
     note = (f"Synthetic-only CAS over {args.seeds} seeds on the real test split, every method at the same number "
             f"of images ({rows[1]['images']}); the real row trains on the {rows[0]['images']} real train images and "
             "its metrics are real test vs real train (the floor). "

@@ -28,21 +28,33 @@ DEFAULT_CONFIGS = ("pndm:100,ddim:25,dpmsolver++:10,dpmsolver++:15,dpmsolver++:2
                    "unipc:10,unipc:15,unipc:20,unipc:25")
 
 
-def link_inputs(ws: Path, root: Path) -> None:
+def link_inputs(ws: Path, root: Path, stages=("ingest", "invert")) -> None:
+    """A scratch workspace whose upstream stage outputs are links to the main workspace's."""
     (ws / "data").mkdir(parents=True, exist_ok=True)
-    for stage in ("ingest", "invert"):
+    for stage in stages:
         dst = ws / "data" / stage
         if not dst.exists():
             dst.symlink_to((root / "data" / stage).resolve(), target_is_directory=True)
+
+
+def sample_and_score(params, ws: Path) -> dict:
+    """The real `sample` stage code (timed; generator already loaded), then `metrics` and `cas`, in `ws`."""
+    from thinair.tasks import sample as sample_stage
+    from thinair.tasks.cas import cas
+    from thinair.tasks.metrics import metrics
+
+    t0 = time.perf_counter()
+    records = [sample_stage.sample_chunk(params, c, ws) for c in range(sample_stage.chunk_count(ws))]
+    manifest = sample_stage.finalize(params, records, ws)
+    seconds = time.perf_counter() - t0
+    return {"images": manifest["total"], "seconds": seconds, "metrics": metrics(params, ws)["synthetic_vs_train"],
+            "cas": cas(params, ws)["accuracy"]["synthetic"]}
 
 
 def run_config(root: Path, params_path: str, scheduler: str, steps: int, per_embedding: int, seeds: int,
                checkpoint: str = "final") -> dict:
     from thinair.config import load_params
     from thinair.generator import generator_for
-    from thinair.tasks import sample as sample_stage
-    from thinair.tasks.cas import cas
-    from thinair.tasks.metrics import metrics
 
     ws = root / ".thinair" / "sweep" / f"{scheduler}-{steps}-{checkpoint}"
     link_inputs(ws, root)
@@ -52,14 +64,10 @@ def run_config(root: Path, params_path: str, scheduler: str, steps: int, per_emb
                                        f"cas.seeds={seeds}", "cas.scale_synthetic=[]", "cas.scale_real=[]",
                                        "cas.reconstructed_test=false"])
     generator_for(params.base)  # load outside the timed region
-    t0 = time.perf_counter()
-    records = [sample_stage.sample_chunk(params, c, ws) for c in range(sample_stage.chunk_count(ws))]
-    manifest = sample_stage.finalize(params, records, ws)
-    seconds = time.perf_counter() - t0
-    m = metrics(params, ws)["synthetic_vs_train"]
-    c = cas(params, ws)["accuracy"]["synthetic"]
-    return {"scheduler": scheduler, "steps": steps, "checkpoint": checkpoint, "images": manifest["total"], "seconds": round(seconds, 2),
-            "images_per_s": round(manifest["total"] / seconds, 2), "cas": c,
+    r = sample_and_score(params, ws)
+    m = r["metrics"]
+    return {"scheduler": scheduler, "steps": steps, "checkpoint": checkpoint, "images": r["images"],
+            "seconds": round(r["seconds"], 2), "images_per_s": round(r["images"] / r["seconds"], 2), "cas": r["cas"],
             **{k: round(float(m[k]), 4) for k in ("fid", "precision", "recall", "coverage")}}
 
 

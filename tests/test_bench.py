@@ -54,3 +54,31 @@ def test_steps_sweep_runs_the_real_stages_and_picks_a_default(tiny_generator, tm
     assert result["rows"][2]["within_tolerance"] is False  # another checkpoint is never picked as the sampler
     assert (result["best"]["scheduler"], result["best"]["steps"]) in {("ddim", 4), ("dpmsolver++", 2)}
     assert "dpmsolver++" in sweep_section(out) and "<table>" in sweep_section(out)
+
+
+def test_methods_benchmark_compares_every_method_at_equal_count(tiny_generator, tmp_path):
+    import yaml
+
+    from tests.conftest import tiny_params
+    from tests.stages import run_all
+    from thinair.config import parse_params
+    from thinair.io import read_json
+    from thinair.tasks.report import methods_section
+
+    raw = tiny_params(tiny_generator, cas={"epochs": 1},
+                      classenc={"tokens": 2, "hidden": 16, "steps": 4, "batch_size": 8})
+    run_all(parse_params(raw), tmp_path, ("ingest", "encode", "invert"))
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    spec = importlib.util.spec_from_file_location("methods", ROOT / "benchmarks" / "methods.py")
+    methods = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(methods)
+    out = tmp_path / "methods.json"
+    assert methods.main(["--methods", "inversion,class_encoder", "--seeds", "1", "--params", str(f),
+                         "--root", str(tmp_path), "--out", str(out)]) == 0
+    rows = read_json(out)["rows"]
+    assert [r["method"] for r in rows] == ["real", "inversion", "class_encoder"]
+    assert rows[0]["images"] == 40 and rows[1]["images"] == rows[2]["images"] == 80  # equal synthetic count
+    assert rows[2]["train_seconds"] > 0 and rows[1]["train_seconds"] == 0
+    assert all(0 <= r["cas"]["mean"] <= 1 and r["fid"] >= 0 for r in rows)
+    assert "class encoder (seed 002)" in methods_section(out)
