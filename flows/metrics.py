@@ -12,7 +12,8 @@ from thinair.tasks.metrics import metrics_task, tables
 
 @flow(name="metrics")
 def metrics_flow(params: Params | None = None, params_path: str = "params.yaml", root: str = ".") -> dict:
-    ensure_limit(resolve(params, params_path).base)
-    result = bind(metrics_task, root)(resolve(params, params_path), root)["result"]
+    params = resolve(params, params_path)
+    ensure_limit(params.base)
+    result = bind(metrics_task, root)(params, root)["result"]
     publish_tables(tables(result))
     return result

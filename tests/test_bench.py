@@ -28,22 +28,33 @@ def test_benchmark_functions_measure_the_tiny_generator(tiny_generator):
     assert bench.SD_V1_UNET["cross_attention_dim"] == 768 and bench.SD_V1_VAE["latent_channels"] == 4
 
 
-def test_steps_sweep_runs_the_real_stages_and_picks_a_default(tiny_generator, tmp_path):
+def _workspace(raw: dict, root):
+    """A tiny workspace with ingest/encode/invert done and its params file; returns the params path."""
     import yaml
 
-    from tests.conftest import tiny_params
     from tests.stages import run_all
     from thinair.config import parse_params
+
+    run_all(parse_params(raw), root, ("ingest", "encode", "invert"))
+    f = root / "params.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    return f
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steps_sweep_runs_the_real_stages_and_picks_a_default(tiny_generator, tmp_path):
+    from tests.conftest import tiny_params
     from thinair.io import read_json
     from thinair.tasks.report import sweep_section
 
-    raw = tiny_params(tiny_generator, cas={"epochs": 1})
-    run_all(parse_params(raw), tmp_path, ("ingest", "encode", "invert"))
-    f = tmp_path / "params.yaml"
-    f.write_text(yaml.safe_dump(raw))
-    spec = importlib.util.spec_from_file_location("steps_sweep", ROOT / "benchmarks" / "steps_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    f = _workspace(tiny_params(tiny_generator, cas={"epochs": 1}), tmp_path)
+    sweep = _script("steps_sweep")
     out = tmp_path / "sweep.json"
     assert sweep.main(["--configs", "ddim:4,dpmsolver++:2,ddim:2:2", "--seeds", "1", "--params", str(f),
                        "--root", str(tmp_path), "--out", str(out)]) == 0
@@ -57,22 +68,13 @@ def test_steps_sweep_runs_the_real_stages_and_picks_a_default(tiny_generator, tm
 
 
 def test_methods_benchmark_compares_every_method_at_equal_count(tiny_generator, tmp_path):
-    import yaml
-
     from tests.conftest import tiny_params
-    from tests.stages import run_all
-    from thinair.config import parse_params
     from thinair.io import read_json
     from thinair.tasks.report import methods_section
 
-    raw = tiny_params(tiny_generator, cas={"epochs": 1},
-                      classenc={"tokens": 2, "hidden": 16, "steps": 4, "batch_size": 8})
-    run_all(parse_params(raw), tmp_path, ("ingest", "encode", "invert"))
-    f = tmp_path / "params.yaml"
-    f.write_text(yaml.safe_dump(raw))
-    spec = importlib.util.spec_from_file_location("methods", ROOT / "benchmarks" / "methods.py")
-    methods = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(methods)
+    f = _workspace(tiny_params(tiny_generator, cas={"epochs": 1},
+                               classenc={"tokens": 2, "hidden": 16, "steps": 4, "batch_size": 8}), tmp_path)
+    methods = _script("methods")
     out = tmp_path / "methods.json"
     assert methods.main(["--methods", "inversion,class_encoder", "--seeds", "1", "--params", str(f),
                          "--root", str(tmp_path), "--out", str(out)]) == 0

@@ -52,7 +52,7 @@ def apply_overrides(root: str | Path, overrides: list[str]) -> list[str]:
         return []
     load_params(path, overrides)  # raises ParamsError before anything is written
     current = yaml.safe_load(path.read_text())
-    text, changed = path.read_text(), []
+    text, changed, requested = path.read_text(), [], {}
     for item in overrides:
         key, value = (part.strip() for part in item.split("=", 1))
         section, name = key.split(".", 1)
@@ -61,8 +61,12 @@ def apply_overrides(root: str | Path, overrides: list[str]) -> list[str]:
             continue
         text = _set_line(text, section, name, new)
         changed.append(key)
+        requested[key] = new
     if changed:
-        assert {k: yaml.safe_load(text)[k.split(".")[0]][k.split(".")[1]] for k in changed}  # still valid YAML
+        written = yaml.safe_load(text)
+        wrong = [k for k in changed if written[k.split(".")[0]][k.split(".")[1]] != requested[k]]
+        if wrong:  # the line edit did not give the requested value: refuse rather than write a wrong params file
+            raise ValueError(f"params.yaml: could not rewrite {', '.join(wrong)} in place; set them by hand")
         with atomic_path(path) as tmp:
             tmp.write_text(text)
     return changed

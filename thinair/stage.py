@@ -158,7 +158,7 @@ def inputs_digest(root: str | Path, *stages: str) -> list[list[str]]:
     out = []
     for s in stages:
         d = require(paths.stage_dir(s, root), s)
-        out += [[f.relative_to(root).as_posix(), io.file_sha256_memo(f)] for f in sorted(d.rglob("*")) if f.is_file()]
+        out += [[f.relative_to(root).as_posix(), io.file_sha256_memo(f)] for f in files_under(d)]
     return out
 
 
