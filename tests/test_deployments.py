@@ -103,3 +103,14 @@ def test_overrides_replace_block_style_values(tmp_path):
         ["sample.guidance_scales", "cas.modes"]
     assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == \
         {"sample": {"guidance_scales": [4.0], "noise": 0.1}, "cas": {"modes": ["real"]}}
+
+
+def test_pipeline_takes_set_after_the_subcommand_as_the_readme_shows(tmp_path, capsys):
+    from thinair.cli import _parser, main
+
+    assert _parser().parse_args(["pipeline", "-S", "sample.noise=0.2", "--push"]).set == ["sample.noise=0.2"]
+    assert _parser().parse_args(["-S", "sample.noise=0.2", "pipeline"]).set == ["sample.noise=0.2"]
+    (tmp_path / "params.yaml").write_text("sample:\n  noise: 0.1\n")
+    assert main(["--root", str(tmp_path), "pipeline", "-S", "sample.guidance_scale=[3.0]"]) == 2
+    assert "sample.guidance_scale" in capsys.readouterr().err
+    assert (tmp_path / "params.yaml").read_text() == "sample:\n  noise: 0.1\n"

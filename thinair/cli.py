@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--run", action="store_true", help="run the experiment now (dvc exp run)")
     pipe = sub.add_parser("pipeline", help="the whole DAG through DVC as one Prefect flow: write -S overrides into "
                           "params.yaml, reproduce exactly the stale stages (dvc.lock updated)")
+    pipe.add_argument("-S", "--set", action="append", default=argparse.SUPPRESS, metavar="SECTION.KEY=VALUE",
+                      help="write this parameter into params.yaml first (validated), repeatable")
     pipe.add_argument("--push", action="store_true", help="dvc push the new versions afterwards")
     pipe.add_argument("--force", action="store_true", help="re-run every stage but pretrain (dvc repro -f): their "
                       "finished tasks are Prefect cache hits")
