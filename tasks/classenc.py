@@ -21,7 +21,7 @@ import torch
 from prefect import task
 
 from thinair import classenc as core
-from thinair import immiscible, io, paths
+from thinair import faults, immiscible, io, paths
 from thinair.caching import record
 from thinair.config import Params
 from thinair.devices import device_slot, set_threads
@@ -115,6 +115,7 @@ def train(params: Params, root: str | Path = ".", device=None) -> dict:
                 "loss_last": sum(losses["encoder"][-50:]) / len(losses["encoder"][-50:])}
     io.write_json(out / io.MANIFEST, manifest)
     for f in work.glob(f"{key}-*.pt"):
+        faults.point("unlink", f)
         f.unlink()
     return manifest
 

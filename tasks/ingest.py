@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from thinair import datasets, imagefolder, io, paths
+from thinair import datasets, faults, imagefolder, io, paths
 from thinair.caching import record
 from thinair.config import Params
 from thinair.orchestration import task_options
@@ -69,6 +69,7 @@ def ingest(params: Params, root: str | Path = ".") -> dict:
                                      "per_class": np.bincount(y, minlength=len(names)).tolist()}
     for f in out.iterdir():  # drop shards of an earlier, larger run
         if f.is_file() and f.name not in written:
+            faults.point("unlink", f)
             f.unlink()
     io.write_json(out / io.MANIFEST, manifest)
     return manifest

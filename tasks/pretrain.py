@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -19,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from prefect import task
 
-from thinair import io, paths
+from thinair import faults, io, paths
 from thinair.config import Params
 from thinair.generator import build_unet, build_vae, sd_scheduler_config, save_generator
 from thinair.images import to_model
+from thinair.immiscible import immiscible_noise
 from thinair.orchestration import task_options
 from thinair import datasets
 
@@ -101,7 +103,7 @@ def train_unet(latents: torch.Tensor, labels: torch.Tensor, n_classes: int, p, g
         z0 = latents[idx]
         y = labels[idx].clone()
         y[torch.rand(len(y), generator=gen) < p.label_dropout] = n_classes  # null context
-        noise = torch.randn(z0.shape, generator=gen)
+        noise = immiscible_noise(z0, gen, p.immiscible, p.knn_k)  # "off": the plain torch.randn draw
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), generator=gen)
         pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=tokens[y]).sample
         loss = F.mse_loss(pred, noise)
@@ -167,8 +169,12 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
         gen.manual_seed(io.seed_for(p.seed, "pretrain-unet"))
     else:
         vae, vae_losses = train_vae(x, p, gen)
-        vae.save_pretrained(str(vae_dir))
-        io.write_json(vae_dir / "losses.json", vae_losses)
+        part = vae_dir.with_name(vae_dir.name + ".part")  # complete or absent: renamed only once fully written
+        shutil.rmtree(part, ignore_errors=True)
+        vae.save_pretrained(str(part))
+        io.write_json(part / "losses.json", vae_losses)
+        faults.point("write-synced", vae_dir)
+        part.rename(vae_dir)
         gen.manual_seed(io.seed_for(p.seed, "pretrain-unet"))
     with torch.no_grad():
         lat = torch.cat([vae.encode(x[s:s + 256]).latent_dist.mean for s in range(0, len(x), 256)])
@@ -179,8 +185,6 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
                  "train_images": int(len(x)), "class_names": train.class_names,
                  "params": {"pretrain": p.model_dump()}}
     tmp = out.with_name(out.name + ".tmp")
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     save_generator(tmp, unet, vae)
     io.save_tensors(tmp / "class_tokens.safetensors", {"tokens": tokens},
@@ -191,8 +195,14 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
 
     grid = to_uint8(class_samples(unet, vae, tokens, 10, p.resolution), p.resolution, 3)
     io.write_bytes(tmp / "samples.png", png_bytes(tile(grid, 10, 2)))  # one row per class
-    shutil.rmtree(out, ignore_errors=True)
+    old = out.with_name(out.name + ".old")  # swap, so a kill leaves the old or the new generator, never none
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    faults.point("write-synced", out)
     tmp.rename(out)
+    faults.point("write-renamed", out)
+    shutil.rmtree(old, ignore_errors=True)
     return train_log
 
 

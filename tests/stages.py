@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from thinair.tasks import cas, classenc, encode, ingest, invert, metrics, report, sample
+from thinair.tasks import cas, classenc, encode, ingest, invert, metrics, pretrain, report, sample
 
 ORDER = ("ingest", "encode", "invert", "classenc", "sample", "metrics", "cas", "report")
 
@@ -20,7 +20,7 @@ def run_stage(stage: str, params, root):
         mod = invert if stage == "invert" else sample
         run = mod.invert_chunk if stage == "invert" else mod.sample_chunk
         return mod.finalize(params, [run(params, i, root) for i in range(mod.chunk_count(root))], root)
-    return {"classenc": classenc.train, "metrics": metrics.metrics, "cas": cas.cas,
+    return {"pretrain": pretrain.pretrain, "classenc": classenc.train, "metrics": metrics.metrics, "cas": cas.cas,
             "report": report.report}[stage](params, root)
 
 

@@ -54,3 +54,34 @@ def test_pretrain_is_reproducible(tmp_path):
     for name in ("a", "b"):
         pretrain(parse_params({"pretrain": TINY | {"output": name}}), tmp_path / name)
     assert local_identity(tmp_path / "a" / "a") == local_identity(tmp_path / "b" / "b")
+
+
+def test_pretrain_immiscible_off_draws_the_plain_noise_and_assign_repairs_it():
+    """`off` keeps the committed generator's bits (the same torch.randn draw); `assign` trains on a permutation
+    of that draw that lowers the summed latent-noise distance, so its losses differ."""
+    import torch
+
+    from thinair.immiscible import immiscible_noise
+    from thinair.tasks.pretrain import train_unet
+
+    z0 = torch.randn(16, 4, 4, 4)
+    plain = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(immiscible_noise(z0, torch.Generator().manual_seed(3), "off"), plain)
+    paired = immiscible_noise(z0, torch.Generator().manual_seed(3), "assign")
+    assert sorted(map(tuple, paired.flatten(1).tolist())) == sorted(map(tuple, plain.flatten(1).tolist()))
+    assert (z0 - paired).flatten(1).norm(dim=1).sum() < (z0 - plain).flatten(1).norm(dim=1).sum()
+
+    lat, labels = torch.randn(64, 4, 4, 4), torch.arange(64) % 10
+    runs = {}
+    for mode in ("off", "assign", "knn"):
+        p = parse_params({"pretrain": TINY | {"unet_steps": 3, "immiscible": mode}}).pretrain
+        runs[mode] = [r["loss"] for r in train_unet(lat, labels, 10, p, torch.Generator().manual_seed(0),
+                                                      log_every=1)[2]]
+    assert runs["off"] != runs["assign"] and runs["off"] != runs["knn"]
+
+
+def test_pretrain_immiscible_bad_value_is_refused():
+    from thinair.config import ParamsError
+
+    with pytest.raises((ParamsError, ValueError), match="immiscible"):
+        parse_params({"pretrain": TINY | {"immiscible": "sideways"}})

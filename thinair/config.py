@@ -98,7 +98,16 @@ class Pretrain(_Section):
     vae_channels: list[int] = Field([16, 32, 64], min_length=2, description="VAE block widths; factor 2^(n-1).")
     unet_channels: list[int] = Field([32, 64], min_length=2, description="UNet block widths.")
     label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of steps trained on the null context.")
+    immiscible: Literal["off", "assign", "knn"] = Field(
+        "off", description="Immiscible noise pairing (seed 004): off | assign (linear assignment of the batch's "
+        "noises to its latents by L2) | knn (knn_k noises per latent, the nearest kept).")
+    knn_k: int = Field(4, ge=1, le=64, description="Candidate noises per latent for immiscible: knn.")
     threads: int | None = Field(None, ge=1, description="CPU threads (null: torch's default).")
+
+    @field_validator("immiscible", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
 
 class Encode(_Section):

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from thinair import faults
+
 MANIFEST = "manifest.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -34,11 +36,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
+        faults.point("write-start", path)
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        faults.point("write-synced", path)
         os.replace(tmp, path)
+        faults.point("write-renamed", path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thinair import io, paths
+from thinair import faults, io, paths
 
 
 class StageInputMissing(FileNotFoundError):
@@ -131,6 +131,7 @@ class ChunkCache:
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst) if src.parent == dst.parent else shutil.copyfile(src, dst)
         io.write_bytes(dst.parent / (name + ".sha256"), io.file_sha256(dst).encode())
+        faults.point("computed", f"{self.dir.name}/{key}/{name}")
         return dst
 
 
@@ -150,6 +151,7 @@ def clean_dir(d: Path, keep: set[str]) -> None:
     if d.is_dir():
         for f in d.iterdir():
             if f.is_file() and f.name not in keep:
+                faults.point("unlink", f)
                 f.unlink()
 
 
