@@ -164,7 +164,11 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
     if (vae_dir / "config.json").is_file():
         from diffusers import AutoencoderKL
 
+        from diffusers.configuration_utils import FrozenDict
+
         vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
+        # from_pretrained records where it loaded from; drop it so a resumed run saves the same config bytes
+        vae._internal_dict = FrozenDict({k: v for k, v in vae.config.items() if k != "_name_or_path"})
         vae_losses = io.read_json(vae_dir / "losses.json")
         gen.manual_seed(io.seed_for(p.seed, "pretrain-unet"))
     else:

@@ -9,7 +9,9 @@ same class (never c_i), the unconditional context is the mean learned embedding 
 Writes ``data/sample/train-NNNNN.npz`` (``images`` uint8 (M, H, W, C), ``labels``, ``source_index``,
 ``partner_index``, ``checkpoint`` (-1 = final), ``guidance``, ``seed``), ``data/sample/provenance.csv``
 (one row per image: file, row, source, partner, alpha, lambda, guidance, checkpoint, scheduler, steps,
-seed) and ``data/sample/manifest.json`` (last).
+seed) and ``data/sample/manifest.json`` (last). ``sample.method: prompts`` (text prompts through the generator's
+text encoder, txt2img or img2img, optional CLIP-score filter) lives in thinair/promptgen.py; it adds ``prompt`` (and
+``clip_score`` / ``dropped_*``) arrays, provenance columns and ``clip_dropped.csv``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from prefect import task
 
-from thinair import io, paths
+from thinair import io, paths, promptgen
 from thinair.config import Params
 from thinair.caching import record
 from thinair.devices import device_slot, set_threads, with_halving
@@ -138,17 +140,22 @@ def unconditional(emb: torch.Tensor, bank: dict, scope: str, base) -> torch.Tens
 
 
 @torch.no_grad()
-def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int, batched: bool = True):
+def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int, batched: bool = True, init=None,
+            strength: float = 1.0):
     """Classifier-free guidance sampling; cond/uncond (B, T, D), guidance (B,). Returns x0 latents.
 
     ``batched``: one UNet call on the stacked uncond/cond batch (needs equal token counts) instead of two.
+    ``init`` (B, 4, h, w): img2img from these latents noised to ``strength`` (`latents` is then the noise).
     """
-    scheduler.set_timesteps(steps, device=latents.device)
-    lat = latents * scheduler.init_noise_sigma
+    if init is None:
+        scheduler.set_timesteps(steps, device=latents.device)
+        lat, timesteps = latents * scheduler.init_noise_sigma, scheduler.timesteps
+    else:
+        lat, timesteps = promptgen.img2img_start(scheduler, steps, strength, init, latents)
     one_call = batched and uncond.shape[1] == cond.shape[1]
     ctx = torch.cat([uncond, cond]).to(unet.dtype) if one_call else None
     w = guidance.view(-1, 1, 1, 1).to(lat)
-    for t in scheduler.timesteps:
+    for t in timesteps:
         if one_call:
             inp = scheduler.scale_model_input(torch.cat([lat, lat]), t).to(unet.dtype)
             eps_u, eps_c = unet(inp, t, encoder_hidden_states=ctx).sample.float().chunk(2)
@@ -168,10 +175,21 @@ def chunk_key(params: Params, chunk: int, root: str | Path = ".") -> str:
     inv_file = require(inv_dir / paths.chunk_name("train", chunk, "safetensors"), "invert")
     h, _, channels = io.read_json(require(paths.stage_dir("ingest", root) / io.MANIFEST, "ingest"))["image_shape"]
     bank = [io.file_sha256_memo(inv_dir / f) for f in upstream_chunks("invert", root)]
-    method = [] if p.method == "inversion" else [source_hash("thinair.classenc"), inputs_digest(root, "classenc")] \
-        if p.method == "class_encoder" else [io.file_sha256_memo(class_tokens_file(b))]
     return content_key(STAGE, source_hash(__name__), generator_identity(b), runtime_key(b), p.model_dump(mode="json"),
-                       b.seed, chunk, b.save_resolution or h, channels, b.gen_resolution, inv_file, bank, *method)
+                       b.seed, chunk, b.save_resolution or h, channels, b.gen_resolution, inv_file, bank,
+                       *method_inputs(params, root))
+
+
+def method_inputs(params: Params, root: str | Path = ".") -> list:
+    """What the steering method reads besides the embedding bank (checked here, so bad inputs fail at once)."""
+    method = params.sample.method
+    if method == "class_encoder":
+        return [source_hash("thinair.classenc"), inputs_digest(root, "classenc")]
+    if method == "class_tokens":
+        return [io.file_sha256_memo(class_tokens_file(params.base))]
+    if method == "prompts":
+        return [source_hash("thinair.promptgen"), *promptgen.key_parts(params, root)]
+    return []
 
 
 def sample_chunk(params: Params, chunk: int, root: str | Path = ".", device=None) -> dict:
@@ -192,17 +210,22 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".", device=None
             raise ValueError(f"data/invert holds {width}-wide embeddings but base.generator={b.generator!r} has "
                              f"cross_attention_dim {gen_model.cross_attention_dim}: they were learned with another "
                              "generator. Re-run `thinair encode` and `thinair invert` (or `dvc repro`) with this one.")
+        rows = torch.nonzero(bank["chunk"] == chunk).flatten().numpy()
+        pg = None  # the prompt sampler of method prompts (thinair/promptgen.py)
         if p.method == "inversion":
             unconds = {c: unconditional(bank[c], bank, p.uncond, b) for c in p.checkpoints}
+        elif p.method == "prompts":  # every row's context is a text prompt of its class, no perturbation
+            pg, p = promptgen.prepare(params, bank, rows, gen_model, root, device)
         else:  # class-conditional: every row's context is its class's, no perturbation
             p, unconds = class_contexts(params, bank, root)
             if params.sample.method == "class_encoder":
                 from thinair.tasks.classenc import unet_for
 
                 unet = unet_for(gen_model, params, root)
-        rows = torch.nonzero(bank["chunk"] == chunk).flatten().numpy()
         labels = bank["labels"].numpy()
         plan = plan_variants(labels, rows, p, b.seed, chunk)
+        if pg:
+            pg.pick(plan, labels)
         latent = b.gen_resolution // gen_model.vae_factor
 
         def generate(batch_size: int) -> list[np.ndarray]:
@@ -210,12 +233,14 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".", device=None
             for s in range(0, len(plan), batch_size):
                 recs = plan[s:s + batch_size]
                 gens = [torch.Generator().manual_seed(r["seed"]) for r in recs]
-                cond = torch.stack([perturbed_context(bank, r, p, g) for r, g in zip(recs, gens)])
+                cond = pg.cond(recs) if pg else torch.stack([perturbed_context(bank, r, p, g)
+                                                             for r, g in zip(recs, gens)])
                 lat0 = torch.stack([torch.randn(4, latent, latent, generator=g) for g in gens])  # (B, 4, h, w)
-                uncond = torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
+                uncond = pg.uncond(recs) if pg else torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
                 w = torch.tensor([r["w"] for r in recs])
                 lat = denoise(unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
-                              uncond.to(device), w.to(device), p.steps, p.batched_guidance)
+                              uncond.to(device), w.to(device), p.steps, p.batched_guidance,
+                              pg.init(recs) if pg else None, p.strength)
                 with torch.no_grad():
                     x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
                 images.append(to_uint8(x, save_res, channels))
@@ -225,13 +250,14 @@ def sample_chunk(params: Params, chunk: int, root: str | Path = ".", device=None
         tmp = cache.dir / key / (name + ".part")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         ckpt_ids = {c: (-1 if c == "final" else int(c)) for c in p.checkpoints}
-        io.save_npz(tmp, images=np.concatenate(images), labels=labels[[r["row"] for r in plan]],
-                    source_index=bank["index"].numpy()[[r["row"] for r in plan]],
-                    partner_index=np.asarray([bank["index"][r["partner"]].item() if r["partner"] >= 0 else -1
-                                              for r in plan], np.int64),
-                    checkpoint=np.asarray([ckpt_ids[r["ckpt"]] for r in plan], np.int64),
-                    guidance=np.asarray([r["w"] for r in plan], np.float32),
-                    seed=np.asarray([r["seed"] for r in plan], np.int64))
+        arrays = dict(images=np.concatenate(images), labels=labels[[r["row"] for r in plan]],
+                      source_index=bank["index"].numpy()[[r["row"] for r in plan]],
+                      partner_index=np.asarray([bank["index"][r["partner"]].item() if r["partner"] >= 0 else -1
+                                                for r in plan], np.int64),
+                      checkpoint=np.asarray([ckpt_ids[r["ckpt"]] for r in plan], np.int64),
+                      guidance=np.asarray([r["w"] for r in plan], np.float32),
+                      seed=np.asarray([r["seed"] for r in plan], np.int64))
+        io.save_npz(tmp, **(pg.finish(arrays, plan) if pg else arrays))
         hit = cache.put(key, name, tmp)
     else:
         log.info("%s chunk %d: reused from cache %s (not recomputed)", STAGE, chunk, key)
@@ -256,8 +282,9 @@ def provenance(params: Params, files: list[str], root: str | Path = "."):
             "file": f, "row": np.arange(n), "label": z["labels"], "source_index": z["source_index"],
             "partner_index": z["partner_index"], "alpha": alpha,
             "lambda": p.noise if p.method == "inversion" else 0.0, "method": p.method, "guidance": z["guidance"],
-            "checkpoint": z["checkpoint"], "uncond": p.uncond, "scheduler": p.scheduler, "steps": p.steps,
-            "seed": z["seed"]}))
+            "checkpoint": z["checkpoint"], "uncond": "empty_prompt" if p.method == "prompts" else p.uncond,
+            "scheduler": p.scheduler, "steps": p.steps, "seed": z["seed"]}
+            | {k: z[k] for k in ("prompt", "clip_score") if k in z}))  # method prompts only
     return pd.concat(frames, ignore_index=True)
 
 
@@ -268,11 +295,12 @@ def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dic
     with io.atomic_path(out / PROVENANCE) as tmp:
         table.to_csv(tmp, index=False)
     counts = table.groupby("file", sort=False).size().to_dict()
-    manifest = {"chunks": files, "counts": {f: int(counts[f]) for f in files}, "total": int(len(table)),
+    clip, written = promptgen.filter_summary(params, out, files)  # the CLIP filter's counts (method prompts)
+    manifest = {"chunks": files, "counts": {f: int(counts.get(f, 0)) for f in files}, "total": int(len(table)),
                 "variants_per_embedding": len(params.sample.checkpoints) * len(params.sample.guidance_scales)
                 * params.sample.samples_per_setting, "params": params.sample.model_dump(mode="json"),
-                "provenance": PROVENANCE}
-    clean_dir(out, set(files) | {io.MANIFEST, PROVENANCE})
+                "provenance": PROVENANCE} | clip
+    clean_dir(out, set(files) | {io.MANIFEST, PROVENANCE} | written)
     io.write_json(out / io.MANIFEST, manifest)
     return manifest
 

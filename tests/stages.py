@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from thinair.tasks import cas, classenc, encode, ingest, invert, metrics, pretrain, report, sample
+from thinair.tasks import cas, classenc, encode, ingest, invert, metrics, pretrain, report, sample, search
 
-ORDER = ("ingest", "encode", "invert", "classenc", "sample", "metrics", "cas", "report")
+ORDER = ("ingest", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report")
 
 
 def run_stage(stage: str, params, root):
@@ -20,7 +20,7 @@ def run_stage(stage: str, params, root):
         mod = invert if stage == "invert" else sample
         run = mod.invert_chunk if stage == "invert" else mod.sample_chunk
         return mod.finalize(params, [run(params, i, root) for i in range(mod.chunk_count(root))], root)
-    return {"pretrain": pretrain.pretrain, "classenc": classenc.train, "metrics": metrics.metrics, "cas": cas.cas,
+    return {"pretrain": pretrain.pretrain, "classenc": classenc.train, "search": search.search, "metrics": metrics.metrics, "cas": cas.cas,
             "report": report.report}[stage](params, root)
 
 

@@ -12,8 +12,9 @@ from tests.conftest import tiny_params
 
 def test_every_stage_runs_as_a_flow(prefect_server, tiny_generator, tmp_path, capsys):
     f = tmp_path / "params.yaml"
-    f.write_text(yaml.safe_dump(tiny_params(tiny_generator)))
-    for stage in ("ingest", "encode", "invert", "sample", "metrics", "cas", "report"):
+    search = {"trials": 2, "space": {"sample.guidance_scales": ["float", 1.0, 3.0], "sample.steps": ["int", 1, 2]}}
+    f.write_text(yaml.safe_dump(tiny_params(tiny_generator, search=search)))
+    for stage in ("ingest", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report"):
         assert main(["--params", str(f), "--root", str(tmp_path), stage]) == 0, capsys.readouterr().err
     d = tmp_path / "data"
     assert io.read_json(d / "invert" / "manifest.json")["chunks"] == ["train-00000.safetensors",
@@ -24,7 +25,8 @@ def test_every_stage_runs_as_a_flow(prefect_server, tiny_generator, tmp_path, ca
 
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
-    assert {"cas", "cas-scaling-synthetic", "cas-scaling-real", "metrics", "metrics-per-class"} <= keys
+    assert {"cas", "cas-scaling-synthetic", "cas-scaling-real", "metrics", "metrics-per-class", "search-trials"} <= keys
+    assert io.read_json(d / "search" / "manifest.json")["trials"] == 2
 
 
 def test_missing_upstream_output_names_the_stage_to_run(prefect_server, tiny_generator, tmp_path, capsys):

@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("preset", help="the paper's settings for a dataset, as a `dvc exp run` command")
     pre.add_argument("name", help="cifar10, cifar100, stl10, imagenette, eurosat, pathmnist, dermamnist, "
                      "bloodmnist, retinamnist; or a steering method on the current dataset: method-inversion, "
-                     "method-class-encoder, method-class-encoder-lora, method-class-tokens")
+                     "method-class-encoder, method-class-encoder-lora, method-class-tokens; or search-best (the "
+                     "`search` stage's best trial)")
     pre.add_argument("--run", action="store_true", help="run the experiment now (dvc exp run)")
     pipe = sub.add_parser("pipeline", help="the whole DAG through DVC as one Prefect flow: write -S overrides into "
                           "params.yaml, reproduce exactly the stale stages (dvc.lock updated)")
@@ -106,15 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(f"{args.params}: OK")
         return 0
+    from thinair import redact
     from thinair.orchestration import configure, task_runner
     from thinair.workspace import exclusive
 
     configure()
     logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    redact.install()  # mask tokens and passwords in every log line (third-party DEBUG logs print auth headers)
     if params.base.task_runner != "thread":
         _share_temporary_server()
     module = importlib.import_module(f"thinair.flows.{args.command}")
+    redact.install()  # again, now that Prefect's console and API handlers exist
     t0 = time.time()
     try:
         flow = getattr(module, f"{args.command}_flow").with_options(task_runner=task_runner(
@@ -163,13 +167,14 @@ def _preset(args) -> int:
     from thinair.presets import set_args
 
     try:
-        sets = set_args(args.name)
+        sets = set_args(args.name, args.root)
         overrides = [sets[i + 1] for i in range(0, len(sets), 2)]
         load_params(args.params, overrides)  # a preset must validate like any params file
     except (ValueError, ParamsError) as err:
         print(f"thinair preset: {err}", file=sys.stderr)
         return EXIT_PARAMS
-    cmd = ["dvc", "exp", "run", "-n", args.name if args.name.startswith("method-") else f"paper-{args.name}"] + sets
+    name = args.name if args.name.startswith(("method-", "search-")) else f"paper-{args.name}"
+    cmd = ["dvc", "exp", "run", "-n", name] + sets
     print(shlex.join(cmd))
     return subprocess.call(cmd) if args.run else 0
 

@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("ingest", "pretrain", "encode", "invert", "classenc", "sample", "metrics", "cas", "report")
+STAGES = ("ingest", "pretrain", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report")
 
 
 class ParamsError(ValueError):
@@ -161,11 +161,13 @@ class Classenc(_Section):
 
 
 class Sample(_Section):
-    method: Literal["inversion", "class_encoder", "class_tokens"] = Field(
+    method: Literal["inversion", "class_encoder", "class_tokens", "prompts"] = Field(
         "inversion", description="How images are steered: inversion = Diffusion Inversion's per-image embeddings; "
         "class_encoder = the class encoder trained by the `classenc` stage (seed 002); class_tokens = the "
         "generator's own class tokens (the embedded generator's class-conditional prompts, the prompt baseline "
-        "when a generator has no text encoder). Every method makes the same number of images per train image.")
+        "when a generator has no text encoder); prompts = text prompts of each image's class through the "
+        "generator's text encoder (seed 003; e.g. CompVis/stable-diffusion-v1-4). Every method makes the same "
+        "number of images per train image (before a CLIP filter).")
     checkpoints: list[int | Literal["final"]] = Field(
         ["final"], min_length=1, description="Embedding checkpoints (steps, or final) to sample from (paper: 1000, "
         "2000, 3000).")
@@ -186,6 +188,34 @@ class Sample(_Section):
     batch_size: int = Field(256, ge=1, description="Images per UNet call (x2 with guidance) and per VAE decode.")
     batched_guidance: bool = Field(True, description="Conditional and unconditional passes in one batched UNet "
                                    "call (fast path) instead of two.")
+    prompts_file: str | None = Field(None, description="method prompts: a prompt template file (YAML/JSON, format in "
+                                     "thinair/prompts.py; each job's class is a dataset class name); null = the "
+                                     "baseline \"a photo of a {class}\" over the dataset's class names.")
+    prompt_mode: Literal["txt2img", "img2img"] = Field(
+        "txt2img", description="method prompts: txt2img = from pure noise; img2img = from the image's real latents "
+        "(data/encode) noised to sample.strength, running the last part of the schedule (diffusers' img2img).")
+    strength: float = Field(0.8, gt=0, le=1, description="prompt_mode img2img: share of the schedule run from the "
+                            "noised real image (small keeps it, 1 = txt2img; DiffuGen and diffusers: 0.8).")
+    clip_model: str | None = Field(None, description="method prompts: a local transformers CLIPModel + CLIPProcessor "
+                                   "directory; every image's CLIP score vs its prompt (100 x cosine, torchmetrics' "
+                                   "CLIPScore) goes to provenance.csv.")
+    clip_min_score: float | None = Field(None, ge=-100, le=100, description="Drop images whose CLIP score is below "
+                                         "this (needs sample.clip_model); the manifest counts kept and dropped.")
+
+    @model_validator(mode="after")
+    def _prompts(self) -> "Sample":
+        if self.method != "prompts":
+            used = [k for k in ("prompts_file", "clip_model") if getattr(self, k) is not None]
+            used += ["prompt_mode"] if self.prompt_mode == "img2img" else []
+            if used:
+                raise ValueError(f"sample.{used[0]} is used only by sample.method: prompts (method is "
+                                 f"{self.method!r}); remove it or set sample.method: prompts")
+        if self.clip_min_score is not None and not self.clip_model:
+            raise ValueError("sample.clip_min_score needs sample.clip_model (a local CLIP directory to score with)")
+        if self.prompt_mode == "img2img" and int(self.steps * self.strength) < 1:
+            raise ValueError(f"sample.strength={self.strength} x sample.steps={self.steps} runs no denoising step; "
+                             "raise them so that steps x strength >= 1")
+        return self
 
 
 class Metrics(_Section):
@@ -258,6 +288,25 @@ class Report(_Section):
     upscale: int = Field(4, ge=1, le=16, description="Pixel upscaling of grid thumbnails.")
 
 
+class Search(_Section):
+    """Guided hyper-parameter search (seed 002, done right): Optuna TPE scored on a validation split of train."""
+    trials: int = Field(0, ge=0, description="Trials to run (0: the `search` stage does nothing). More trials on a "
+                        "re-run extend the same study; finished trials are never run again.")
+    space: dict[str, list] = Field(
+        {"sample.guidance_scales": ["float", 1.0, 4.0], "sample.steps": ["int", 5, 25],
+         "sample.noise": ["float", 0.0, 0.3], "sample.interpolation": ["float", 0.0, 0.3],
+         "sample.checkpoints": ["categorical", [100, 200, "final"]]},
+        description="sample.<key>: [float|int, low, high(, log)] or [categorical, [choices]]; a list param "
+        "(guidance_scales, checkpoints) gets the one value drawn (seed 002: checkpoint, steps [5, 50], guidance "
+        "[0, 7.5]; Diffusion Inversion adds noise and interpolation strength).")
+    fixed: dict[str, int | float | str | bool | list | None] = Field(
+        {"sample.samples_per_setting": 1}, description="sample.<key> / cas.<key> overrides for every trial "
+        "(e.g. fewer images per trial than the final run).")
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each class of the TRAIN split held "
+                                       "out to score trials (the test split is never read).")
+    seeds: int = Field(1, ge=1, le=10, description="CAS trainings per trial (validation accuracy averaged).")
+
+
 class Params(_Section):
     base: Base = Base()
     ingest: Ingest = Ingest()
@@ -269,6 +318,7 @@ class Params(_Section):
     metrics: Metrics = Metrics()
     cas: Cas = Cas()
     report: Report = Report()
+    search: Search = Search()
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":
@@ -280,6 +330,23 @@ class Params(_Section):
                     f"sample.checkpoints: step {c} is not saved by invert (saved every "
                     f"{self.invert.checkpoint_every} up to {self.invert.steps}); use a multiple of "
                     "invert.checkpoint_every or 'final'")
+        from thinair.search import check_space
+
+        try:
+            check_space(self.search.space)
+        except ValueError as err:
+            raise ValueError(f"search.space: {err}") from None
+        for where, keys, sections in (("search.space", self.search.space, ("sample",)),
+                                      ("search.fixed", self.search.fixed, ("sample", "cas"))):
+            for key in keys:
+                section, _, name = key.partition(".")
+                model = type(getattr(self, section, None))
+                if section not in sections or name not in getattr(model, "model_fields", {}):
+                    close = difflib.get_close_matches(name, list(getattr(model, "model_fields", {})), n=1)
+                    hint = f" Did you mean '{section}.{close[0]}'?" if close and section in sections else ""
+                    raise ValueError(f"{where}: {key!r} is not a parameter it can set.{hint} Use "
+                                     f"{' or '.join(s + '.<key>' for s in sections)} with a key of that section "
+                                     "(see `thinair params`)")
         return self
 
 

@@ -52,6 +52,9 @@ def _init_worker(threads: int) -> None:
     # progress and cache messages of the stage code (the parent's logging setup is not inherited by spawn)
     logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    from thinair import redact
+
+    redact.install()  # no tokens or passwords in the workers' log lines either
 
 
 def task_runner(workers: int, kind: str = "thread", address: str | None = None):

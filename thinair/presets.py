@@ -4,9 +4,12 @@ Each preset is a set of ``section.key`` overrides on top of ``params.yaml``, app
 experiment (``dvc exp run -S ...``) so results stay comparable in ``dvc exp show``. Values are from
 "Training on Thin Air" and its reference code (see shared/REFERENCE.md); ``paper`` holds the ResNet-18
 test accuracies (%) the paper reports: real only / generated only / real + generated. Reads and
-writes nothing.
+writes nothing, and reads only ``data/search/best.json`` (preset ``search-best``).
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 _SD = {
     "base.generator": "CompVis/stable-diffusion-v1-4", "base.device": "cuda", "base.chunk_size": 100,
@@ -52,13 +55,30 @@ METHODS: dict[str, dict] = {
 }
 
 
-def set_args(name: str) -> list[str]:
+SEARCH_BEST = "search-best"  # the `search` stage's best trial (data/search/best.json), applied as an experiment
+
+
+def search_best(root: str | Path = ".") -> dict:
+    """The overrides of the `search` stage's best trial as a preset (``{"params": {key: value}}``)."""
+    import yaml
+
+    f = Path(root) / "data" / "search" / "best.json"
+    if not f.is_file():
+        raise ValueError(f"preset {SEARCH_BEST}: {f} does not exist; run the search first "
+                         "(dvc exp run -n search -S search.trials=20), then this preset in that workspace")
+    best = json.loads(f.read_text())
+    return {"params": {o.split("=", 1)[0]: yaml.safe_load(o.split("=", 1)[1]) for o in best["overrides"]}}
+
+
+def set_args(name: str, root: str | Path = ".") -> list[str]:
     """``-S key=value`` arguments of `dvc exp run` for preset `name` (values in YAML flow syntax)."""
     import yaml
 
     table = PRESETS | METHODS
+    if name == SEARCH_BEST:
+        table = {name: search_best(root)}
     if name not in table:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join([*table, SEARCH_BEST])}")
     out = []
     for key, value in table[name]["params"].items():
         out += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]

@@ -59,26 +59,40 @@ def validation_split(labels, fraction: float, seed: int, ids=None) -> Split:
     return Split(_frozen_ids(set(ids.tolist()) - set(val)), _frozen_ids(val))
 
 
-def distributions(space: dict) -> dict:
-    """Optuna distributions from ``{"name": ("float", lo, hi[, "log"]) | ("int", lo, hi[, "log"]) |
-    ("categorical", [choices])}`` (lists from YAML work as tuples)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    out = {}
+def check_space(space: dict) -> dict[str, str]:
+    """Validate ``{"name": ("float", lo, hi[, "log"]) | ("int", lo, hi[, "log"]) | ("categorical", [choices])}``
+    (lists from YAML work as tuples) without importing Optuna; return {name: kind}."""
+    kinds = {}
     for name, spec in space.items():
         kind = spec[0] if isinstance(spec, (list, tuple)) and spec else None
         if kind in ("float", "int") and len(spec) in (3, 4) and (len(spec) == 3 or spec[3] == "log"):
-            cls = FloatDistribution if kind == "float" else IntDistribution
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec[1:3]):
+                raise ValueError(f"search space {name!r}: bounds must be numbers, got {list(spec)}")
             if kind == "int" and not all(isinstance(v, int) for v in spec[1:3]):
                 raise ValueError(f"search space {name!r}: int bounds must be integers, got {list(spec)}")
             if not spec[1] <= spec[2]:
                 raise ValueError(f"search space {name!r}: low {spec[1]} must be <= high {spec[2]}")
-            out[name] = cls(spec[1], spec[2], log=len(spec) == 4)
-        elif kind == "categorical" and len(spec) == 2 and isinstance(spec[1], (list, tuple)) and spec[1]:
-            out[name] = CategoricalDistribution(list(spec[1]))
-        else:
+            if len(spec) == 4 and spec[1] <= 0:
+                raise ValueError(f"search space {name!r}: a log scale needs low > 0, got {spec[1]}")
+        elif not (kind == "categorical" and len(spec) == 2 and isinstance(spec[1], (list, tuple)) and spec[1]):
             raise ValueError(f"search space {name!r}: {spec!r} is not one of ('float', low, high[, 'log']), "
                              "('int', low, high[, 'log']) or ('categorical', [choices, ...])")
+        kinds[name] = kind
+    return kinds
+
+
+def distributions(space: dict) -> dict:
+    """Optuna distributions of a space checked by :func:`check_space`."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for name, kind in check_space(space).items():
+        spec = space[name]
+        if kind == "categorical":
+            out[name] = CategoricalDistribution(list(spec[1]))
+        else:
+            cls = FloatDistribution if kind == "float" else IntDistribution
+            out[name] = cls(spec[1], spec[2], log=len(spec) == 4)
     return out
 
 
@@ -115,12 +129,18 @@ def run_study(objective: Callable[[dict, Split], float], space: dict, n_trials: 
     storage = JournalStorage(JournalFileBackend(str(storage_path)))
     study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=seed_for(seed, "tpe") % 2**32))
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        if t.state == TrialState.RUNNING:  # left by a killed run (one writer per study file)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # left by a killed run (one writer per study file): fail it and run its parameters again next
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if not waiting:
+            study.enqueue_trial(dict(t.params))
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
     for _ in range(max(0, n_trials - done)):
-        study.sampler = optuna.samplers.TPESampler(seed=seed_for(seed, "tpe", len(study.trials)) % 2**32)
+        # seeded by the number of finished trials, so a resumed study proposes what an uninterrupted one would
+        n = len(study.get_trials(deepcopy=False, states=finished))
+        study.sampler = optuna.samplers.TPESampler(seed=seed_for(seed, "tpe", n) % 2**32)
         trial = study.ask(dists)
         try:
             value = objective(dict(trial.params), split)

@@ -70,6 +70,11 @@ def main(args) -> int:
     if args.command == "server":
         return _server(args)
     configure()
+    import prefect  # noqa: F401 - sets up Prefect's log handlers, then:
+
+    from thinair import redact
+
+    redact.install()  # mask tokens and passwords in every log line
     if args.command == "serve":
         return _serve(args)
     from thinair.flows.pipeline import pipeline_flow, regenerate_flow

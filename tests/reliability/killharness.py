@@ -59,13 +59,32 @@ def read_trace(f: Path) -> list[tuple[str, str]]:
     return [tuple(line.split(" ", 2)[1:]) for line in f.read_text().splitlines() if line.strip()]
 
 
+TIMING_KEYS = {"seconds"}  # wall-clock durations in logs (pretrain's train_log.json): never equal between runs
+
+
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
 def digests(root: Path, outputs: list[str]) -> dict[str, str]:
+    """sha256 of every output file (a JSON file's `seconds` timings left out; every other byte counts)."""
+    import hashlib
+
     out = {}
     for rel in outputs:
         d = root / rel
         for f in sorted(d.rglob("*")) if d.is_dir() else []:
-            if f.is_file():
-                out[f.relative_to(root).as_posix()] = io.file_sha256(f)
+            if not f.is_file():
+                continue
+            digest = io.file_sha256(f)
+            if f.suffix == ".json" and any(f'"{k}"' in f.read_text() for k in TIMING_KEYS):
+                body = json.dumps(_without_timings(json.loads(f.read_text())), sort_keys=True).encode()
+                digest = "json:" + hashlib.sha256(body).hexdigest()
+            out[f.relative_to(root).as_posix()] = digest
     return out
 
 
