@@ -77,9 +77,14 @@ def test_trials_left_running_by_a_killed_run_are_failed_and_replaced(tmp_path):
     split = validation_split(TRAIN_LABELS, 0.2, 0, TRAIN_IDS)
     store = tmp_path / "study.journal"
     run_study(_score, SPACE, 1, store, "s", 0, split)
-    optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(store)))).ask()  # "killed"
-    study = run_study(_score, SPACE, 2, store, "s", 0, split)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    storage = JournalStorage(JournalFileBackend(str(store)))
+    killed = optuna.load_study(study_name="s", storage=storage).ask(distributions(SPACE))  # the run died here
+    study = run_study(_score, SPACE, 3, store, "s", 0, split)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[2].params == killed.params  # the killed trial's parameters run again first
+    # and the trial after it is the one an uninterrupted study proposes next
+    straight = run_study(_score, SPACE, 3, tmp_path / "straight.journal", "s", 0, split)
+    assert study.trials[3].params == straight.trials[2].params
 
 
 def test_failed_and_pruned_trials(tmp_path):

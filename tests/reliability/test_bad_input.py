@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import io as _io
+import json
+import os
 import shutil
 import struct
 import zlib
@@ -37,7 +39,12 @@ def _run(root: Path, stage: str, raw: dict | None, capsys, *extra: str) -> tuple
         f.write_text(yaml.safe_dump(raw))
     capsys.readouterr()
     rc = main(["--params", str(f), "--root", str(root), *extra, stage])
-    return rc, capsys.readouterr().err
+    err = capsys.readouterr().err
+    if os.environ.get("THINAIR_MESSAGES"):  # collect every refusal's exact message (for the issue note)
+        with open(os.environ["THINAIR_MESSAGES"], "a") as fh:
+            test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0].split("::")[-1]
+            fh.write(json.dumps({"test": test, "stage": stage, "rc": rc, "stderr": err.strip()}) + "\n")
+    return rc, err
 
 
 def _hashes(root: Path) -> dict[str, str]:
