@@ -1,13 +1,15 @@
 """Safe, atomic, deterministic file I/O shared by every stage.
 
 Writes go to a temporary file in the destination directory, are fsynced and renamed into place, so
-a killed run leaves either the old file or the new one, never half of one. `.npz` files are written
+a killed run leaves either the old file or the new one, never half of one (its orphaned temporary file is
+deleted by the next write of the same file). `.npz` files are written
 with fixed zip timestamps so the same arrays always give the same bytes (DVC hashes stay stable and
 downstream stages are not re-run for nothing). Tensors go to safetensors, records to JSON; nothing is
 pickled.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -32,7 +34,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -46,6 +49,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         faults.point("write-renamed", path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files of earlier writes of `path` whose writer is dead (a killed run leaves them)."""
+    for f in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = f.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            f.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -134,3 +134,22 @@ def test_kill_every_stage_anywhere(snapshots, tiny_generator, tmp_path):
 @pytest.mark.slow
 def test_kill_cli_stages_anywhere(snapshots, tiny_generator, tmp_path):
     _run(snapshots, tiny_generator, tmp_path, ["invert", "sample", "cas"], mode="cli")
+
+
+def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """A SIGKILL between fsync and rename leaves `.name.<pid>.<rand>.tmp`; the next write of that file deletes it
+    (its writer is dead) but leaves a live writer's temporary file alone."""
+    import subprocess
+    import sys
+
+    from thinair import io
+
+    code = "import sys; from thinair import io; io.write_json(sys.argv[1], {'a': 1})"
+    env = dict(os.environ, THINAIR_TRACE=str(tmp_path / "t"), THINAIR_KILL_AT="2")  # 2 = write-synced
+    target = tmp_path / "out" / "metrics.json"
+    assert subprocess.run([sys.executable, "-c", code, str(target)], env=env, start_new_session=True).returncode == -9
+    (orphan,) = (tmp_path / "out").glob(".metrics.json.*.tmp")
+    live = tmp_path / "out" / f".metrics.json.{os.getpid()}.abc.tmp"  # this process: alive
+    live.write_text("")
+    io.write_json(target, {"a": 2})
+    assert not orphan.exists() and live.exists() and io.read_json(target) == {"a": 2}
