@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from thinair.stage import link_stages
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from steps_sweep import link_inputs, sample_and_score  # noqa: E402 - the sibling benchmark's workspace helpers
+from steps_sweep import sample_and_score  # noqa: E402 - the sibling benchmark's scoring helper
 
 METHODS = ("inversion", "class_encoder", "class_tokens")
 KEYS = ("fid", "kid", "precision", "recall", "density", "coverage")
@@ -43,7 +45,7 @@ def run_method(root: Path, params_path: str, method: str, seeds: int) -> dict:
     from thinair.tasks import classenc
 
     ws = root / ".thinair" / "methods" / method
-    link_inputs(ws, root, ("ingest", "encode", "invert"))
+    link_stages(ws, root, ("ingest", "encode", "invert"))
     params = _params(params_path, seeds, [f"sample.method={method}", "cas.modes=[synthetic]"])
     t0 = time.perf_counter()
     trained = classenc.train(params, ws)
@@ -61,7 +63,7 @@ def run_real(root: Path, params_path: str, seeds: int, synthetic: Path) -> dict:
     from thinair.tasks.metrics import metrics
 
     ws = root / ".thinair" / "methods" / "real"
-    link_inputs(ws, root, ("ingest", "encode", "invert"))
+    link_stages(ws, root, ("ingest", "encode", "invert"))
     sample = ws / "data" / "sample"
     if sample.is_symlink():
         sample.unlink()

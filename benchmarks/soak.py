@@ -40,8 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from steps_sweep import link_inputs  # noqa: E402 - the sibling benchmark's workspace helper
+from thinair.stage import link_stages
 
 MB = 1024 * 1024
 FLAT_TOLERANCE = 0.10  # "flat": second-half peak and middle-80 % drift both within 10 % of the peak
@@ -289,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         ws = Path(args.workspace).resolve()
     else:
         ws = root / ".thinair" / "soak"
-        link_inputs(ws, root)
+        link_stages(ws, root, ("ingest", "invert"))
     sps, train, per = plan(ws, params_path, args.set, args.images)
     sets = args.set + [f"sample.samples_per_setting={sps}"]
     fresh(ws)

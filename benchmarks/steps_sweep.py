@@ -24,17 +24,10 @@ from pathlib import Path
 
 import torch
 
+from thinair.stage import link_stages
+
 DEFAULT_CONFIGS = ("pndm:100,ddim:25,dpmsolver++:10,dpmsolver++:15,dpmsolver++:20,dpmsolver++:25,"
                    "unipc:10,unipc:15,unipc:20,unipc:25")
-
-
-def link_inputs(ws: Path, root: Path, stages=("ingest", "invert")) -> None:
-    """A scratch workspace whose upstream stage outputs are links to the main workspace's."""
-    (ws / "data").mkdir(parents=True, exist_ok=True)
-    for stage in stages:
-        dst = ws / "data" / stage
-        if not dst.exists():
-            dst.symlink_to((root / "data" / stage).resolve(), target_is_directory=True)
 
 
 def sample_and_score(params, ws: Path) -> dict:
@@ -57,7 +50,7 @@ def run_config(root: Path, params_path: str, scheduler: str, steps: int, per_emb
     from thinair.generator import generator_for
 
     ws = root / ".thinair" / "sweep" / f"{scheduler}-{steps}-{checkpoint}"
-    link_inputs(ws, root)
+    link_stages(ws, root, ("ingest", "invert"))
     params = load_params(params_path, [f"sample.scheduler={scheduler}", f"sample.steps={steps}",
                                        f"sample.checkpoints=[{checkpoint}]",
                                        f"sample.samples_per_setting={per_embedding}", "cas.modes=[synthetic]",

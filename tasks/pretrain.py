@@ -151,6 +151,9 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
     if p.threads:
         torch.set_num_threads(p.threads)
     t0 = time.time()
+    out, old = Path(root) / p.output, Path(root) / (p.output.rstrip("/") + ".old")
+    if old.is_dir() and not out.exists():  # killed mid-swap last time: put the previous generator back first
+        old.rename(out)
     if p.resolution % 2 ** (len(p.vae_channels) - 1):
         raise ValueError(f"pretrain.resolution={p.resolution} is not divisible by the VAE factor "
                          f"{2 ** (len(p.vae_channels) - 1)} of pretrain.vae_channels")
@@ -184,7 +187,6 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
         lat = torch.cat([vae.encode(x[s:s + 256]).latent_dist.mean for s in range(0, len(x), 256)])
         lat = lat * vae.config.scaling_factor  # (N, 4, h, w), unit variance
     unet, tokens, unet_losses = train_unet(lat, labels, len(train.class_names), p, gen, ckpt=work / f"unet-{key:x}.pt")
-    out = Path(root) / p.output
     train_log = {"vae": vae_losses, "unet": unet_losses, "seconds": round(time.time() - t0, 1),
                  "train_images": int(len(x)), "class_names": train.class_names,
                  "params": {"pretrain": p.model_dump()}}
@@ -199,7 +201,7 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
 
     grid = to_uint8(class_samples(unet, vae, tokens, 10, p.resolution), p.resolution, 3)
     io.write_bytes(tmp / "samples.png", png_bytes(tile(grid, 10, 2)))  # one row per class
-    old = out.with_name(out.name + ".old")  # swap, so a kill leaves the old or the new generator, never none
+    # swap: a kill leaves the new generator, or the old one (as .old until the next run puts it back)
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)

@@ -3,22 +3,27 @@
 Each Optuna TPE trial (thinair/search.py) draws values for the ``search.space`` keys (sampler checkpoint, steps,
 guidance, and for Diffusion Inversion the noise and interpolation strengths), applies them and ``search.fixed``
 on top of the params, runs the real `sample` stage code in a scratch workspace, and scores the result by CAS:
-a classifier (the `cas` params, ``search.seeds`` seeds) trained on the synthetic images whose source *and*
-interpolation partner are in the trial's train part, tested on the held-out validation part of the real TRAIN
-split (``search.validation_fraction``, stratified, seeded). The test split is never read. With
-``search.trials: 0`` (the default) the stage writes only a manifest saying so.
+a classifier (the `cas` training params, ``search.seeds`` seeds) trained on the synthetic images whose source
+*and* interpolation partner are in the trial's train part, tested on the held-out validation part of the real
+TRAIN split (``search.validation_fraction``, stratified, seeded). The test split is never read. The first trial
+of a study runs the current settings (when they lie inside the space), so the study has them as its baseline.
+With ``search.trials: 0`` (the default) the stage writes only a manifest saying so.
 
-Reads ``data/ingest`` (train split), ``data/invert``, ``data/classenc`` and the generator. Writes
-``data/search/trials.csv`` (every trial: number, state, score, parameters, images), ``data/search/best.json``
-(the best trial's parameters as ``-S`` overrides and the `dvc exp run` command that applies them;
-``thinair preset search-best --run`` runs it) and ``manifest.json`` (last). The study (Optuna journal) and the
-trial workspace live in ``.thinair/work/search``: a killed search resumes, re-running only the unfinished trial,
-whose sampled chunks and finished trainings are content-cached there.
+Caveat: with ``sample.method: class_encoder`` the encoder (the `classenc` stage) was trained on the whole train
+split, validation part included, so those trials' scores are optimistic; their ranking is what the search uses.
+
+Reads ``data/ingest`` (train split), ``data/encode`` (img2img), ``data/invert``, ``data/classenc`` and the
+generator. Writes ``data/search/trials.csv`` (every trial: number, state, validation CAS, parameters),
+``data/search/best.json`` (the best trial's parameters as ``-S`` overrides and the `dvc exp run` command that
+applies them; ``thinair preset search-best --run`` runs it) and ``manifest.json`` (last). The study (Optuna
+journal) and the trials' scratch workspace live in ``.thinair/work/search``: a killed search resumes, re-running
+only the unfinished trial, whose sampled chunks and finished trainings are content-cached there.
 """
 from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +31,20 @@ from prefect import task
 
 from thinair import classifier, io, paths
 from thinair import search as core
-from thinair.tasks import cas as cas_stage
-from thinair.tasks import sample as sample_stage
 from thinair.caching import record
 from thinair.config import Params, parse_params
 from thinair.devices import device_slot, set_threads
 from thinair.generator import generator_identity, runtime_key
 from thinair.orchestration import task_options
-from thinair.stage import Split, content_key, files_under, inputs_digest, read_split, read_synthetic, source_hash
+from thinair.presets import yaml_value
+from thinair.stage import (Split, clean_dir, content_key, files_under, inputs_digest, link_stages, read_split,
+                           read_synthetic, source_hash)
+from thinair.tasks import cas as cas_stage
+from thinair.tasks import sample as sample_stage
 
 STAGE = "search"
 LINKED = ("ingest", "encode", "invert", "classenc")
 log = logging.getLogger(__name__)
-
-
-def yaml_value(value) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def trial_params(params: Params, values: dict) -> Params:
@@ -51,56 +52,64 @@ def trial_params(params: Params, values: dict) -> Params:
     raw = params.model_dump(mode="json")
     for key, value in list(params.search.fixed.items()) + list(values.items()):
         section, name = key.split(".", 1)
-        if isinstance(raw[section][name], list) and not isinstance(value, list):
-            value = [value]
-        raw[section][name] = value
+        raw[section][name] = [value] if isinstance(raw[section][name], list) and not isinstance(value, list) else value
     return parse_params(raw, "search trial")
 
 
 def overrides(params: Params, values: dict) -> list[str]:
     """The trial's values as `section.key=value` overrides (YAML flow values), as `dvc exp run -S` takes them."""
-    out = []
-    for key, value in values.items():
+    tp = trial_params(params, values)
+    return [f"{key}={yaml_value(getattr(getattr(tp, key.split('.')[0]), key.split('.', 1)[1]))}" for key in values]
+
+
+def baseline(params: Params) -> dict | None:
+    """The current settings as a trial of the space (a new study's first trial), or None if one lies outside."""
+    values = {}
+    for key, spec in params.search.space.items():
         section, name = key.split(".", 1)
-        current = getattr(getattr(params, section), name)
-        wrap = isinstance(current, list) and not isinstance(value, list)
-        out.append(f"{key}={yaml_value([value] if wrap else value)}")
-    return out
+        v = getattr(getattr(params, section), name)
+        if isinstance(v, list):
+            if len(v) != 1:
+                return None
+            v = v[0]
+        if spec[0] == "categorical":
+            inside = v in spec[1]
+        else:
+            inside = isinstance(v, (int, float)) and spec[1] <= v <= spec[2] and (spec[0] == "float" or
+                                                                                   isinstance(v, int))
+        if not inside:
+            return None
+        values[key] = v
+    return values
 
 
-def workspace(root: str | Path) -> Path:
-    """The trials' scratch workspace: links to the main workspace's upstream outputs, its own sample/cache."""
-    ws = paths.work_dir(STAGE, root) / "workspace"
-    (ws / "data").mkdir(parents=True, exist_ok=True)
-    for stage in LINKED:
-        src, dst = (Path(root) / "data" / stage).resolve(), ws / "data" / stage
-        if src.is_dir() and not dst.is_symlink():
-            dst.symlink_to(src, target_is_directory=True)
-    return ws
-
-
-def score(params: Params, split: core.Split, train: Split, ws: Path) -> tuple[float, int]:
-    """Sample with `params` in `ws`; CAS of the synthetic images from split.train_ids on split.val_ids."""
-    records = [sample_stage.sample_chunk(params, c, ws) for c in range(sample_stage.chunk_count(ws))]
+def score(params: Params, split: core.Split, train: Split, ws: Path, device=None) -> tuple[float, int]:
+    """Sample with `params` in `ws`; CAS of the synthetic images from split.train_ids on split.val_ids (the mean
+    over search.seeds trainings). Returns (score, synthetic images trained on)."""
+    records = [sample_stage.sample_chunk(params, c, ws, device) for c in range(sample_stage.chunk_count(ws))]
     sample_stage.finalize(params, records, ws)
     syn = read_synthetic(ws)
     keep = np.isin(syn.source, split.train_ids) & ((syn.partner < 0) | np.isin(syn.partner, split.train_ids))
     if not keep.any():
-        raise ValueError("search: no synthetic image comes from the trial's train part; lower "
-                         "search.validation_fraction")
+        raise ValueError("search: no synthetic image of this trial comes from the train part of the split (its "
+                         "source or partner is a validation image, or the CLIP filter dropped it); lower "
+                         "search.validation_fraction or sample.clip_min_score")
     val = Split(train.images[split.val_ids], train.labels[split.val_ids], train.class_names)
     accs = []
-    for seed in cas_stage.run_seeds(params, "synthetic")[:params.search.seeds]:
-        res = cas_stage.train_run(params, "search", seed, [(syn.images[keep], syn.labels[keep], 1.0)], {"val": val},
-                        len(train.class_names), ws)
+    for i in range(params.search.seeds):
+        res = cas_stage.train_run(params, "search", io.seed_for(params.base.seed, STAGE, "cas", i),
+                                  [(syn.images[keep], syn.labels[keep], 1.0)], {"val": val},
+                                  len(train.class_names), ws)
         accs.append(res["val"]["accuracy"])
+    shutil.rmtree(paths.cache_dir("sample", ws), ignore_errors=True)  # scored: its images are not needed again
     return float(np.mean(accs)), int(keep.sum())
 
 
 def study_key(params: Params, root: str | Path = ".") -> str:
-    """What the study's trials depend on: the code, the params minus the searched keys and search.trials, the
-    generator, the inputs. So more trials extend the same study, and applying its best values reuses it."""
-    raw = params.model_dump(mode="json")
+    """What the study's trials depend on: the code, the params with search.fixed applied minus the searched keys
+    and search.trials, the generator, the inputs. So more trials extend the same study, and applying its best
+    values reuses it."""
+    raw = trial_params(params, {}).model_dump(mode="json")
     for key in params.search.space:
         section, name = key.split(".", 1)
         raw[section].pop(name, None)
@@ -110,46 +119,39 @@ def study_key(params: Params, root: str | Path = ".") -> str:
     return content_key(STAGE, source_hash(__name__), source_hash(core.__name__), source_hash(sample_stage.__name__),
                        source_hash(cas_stage.__name__), source_hash(classifier.__name__), raw,
                        generator_identity(params.base), runtime_key(params.base),
-                       inputs_digest(root, "ingest", "invert", "classenc"))
+                       inputs_digest(root, "ingest", "invert", "classenc"), sample_stage.method_inputs(params, root))
 
 
-def search(params: Params, root: str | Path = ".") -> dict:
+def search(params: Params, root: str | Path = ".", device=None) -> dict:
     """Run (or resume) the study; write trials.csv, best.json and the manifest. Returns the manifest."""
     import pandas as pd
+    from optuna.trial import TrialState
 
     s, out = params.search, paths.stage_dir(STAGE, root)
     out.mkdir(parents=True, exist_ok=True)
     if s.trials == 0:
         manifest = {"ran": False, "why": "search.trials is 0; run `dvc exp run -S search.trials=20` to search"}
-        for f in out.iterdir():
-            if f.is_file() and f.name != io.MANIFEST:
-                f.unlink()
+        clean_dir(out, {io.MANIFEST})
         io.write_json(out / io.MANIFEST, manifest)
         return manifest
     train = read_split("train", root)  # the TRAIN split only: trials are scored on a part of it
     split = core.validation_split(train.labels, s.validation_fraction, params.base.seed)
     key = study_key(params, root)
-    ws = workspace(root)
-    for values in _categorical_checks(params):
-        trial_params(params, values)  # a bad choice (e.g. a checkpoint invert never saved) fails before any trial
+    for key_name, spec in s.space.items():  # a bad choice (a checkpoint invert never saved) fails before any trial
+        for v in spec[1] if spec[0] == "categorical" else ():
+            trial_params(params, {key_name: v})
+    ws = link_stages(paths.work_dir(STAGE, root) / "workspace", root, LINKED)
 
     def objective(values: dict, sp: core.Split) -> float:
-        tp = trial_params(params, values)
-        acc, n = score(tp, sp, train, ws)
+        acc, n = score(trial_params(params, values), sp, train, ws, device)
         log.info("search trial %s: validation CAS %.4f on %d synthetic images", values, acc, n)
-        images[tuple(sorted(values.items(), key=lambda kv: kv[0]))] = n
         return acc
 
-    images: dict = {}
+    first = baseline(params)
     study = core.run_study(objective, s.space, s.trials, paths.work_dir(STAGE, root) / f"{key}.journal",
-                           f"search-{key}", params.base.seed, split)
-    rows = []
-    from optuna.trial import TrialState
-
-    for t in study.get_trials(deepcopy=False):
-        rows.append({"trial": t.number, "state": t.state.name, "validation_cas": t.value}
-                    | {k: t.params.get(k) for k in s.space})
-    table = pd.DataFrame(rows)
+                           f"search-{key}", params.base.seed, split, first=first)
+    table = pd.DataFrame([{"trial": t.number, "state": t.state.name, "validation_cas": t.value}
+                          | {k: t.params.get(k) for k in s.space} for t in study.get_trials(deepcopy=False)])
     with io.atomic_path(out / "trials.csv") as tmp:
         table.to_csv(tmp, index=False)
     best = study.best_trial
@@ -157,21 +159,17 @@ def search(params: Params, root: str | Path = ".") -> dict:
     command = "dvc exp run -n search-best " + " ".join(f"-S {shlex.quote(o)}" for o in sets)
     io.write_json(out / "best.json", {"trial": best.number, "validation_cas": best.value, "params": best.params,
                                       "overrides": sets, "command": command})
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    manifest = {"ran": True, "study": key, "trials": len(done), "best_trial": best.number,
-                "best_validation_cas": best.value, "train_part": int(len(split.train_ids)),
-                "validation_part": int(len(split.val_ids)), "files": ["trials.csv", "best.json"]}
+    base_trial = study.trials[0] if first is not None and study.trials[0].params == first else None
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    manifest = {"ran": True, "study": key, "trials": len(complete), "best_trial": best.number,
+                "best_validation_cas": best.value,
+                "baseline_validation_cas": None if base_trial is None else base_trial.value,
+                "train_part": int(len(split.train_ids)), "validation_part": int(len(split.val_ids)),
+                "files": ["trials.csv", "best.json"]}
     io.write_json(out / io.MANIFEST, manifest)
-    log.info("search: best trial %d, validation CAS %.4f: %s", best.number, best.value, " ".join(sets))
+    log.info("search: best trial %d, validation CAS %.4f (current settings: %s): %s", best.number, best.value,
+             manifest["baseline_validation_cas"], " ".join(sets))
     return manifest
-
-
-def _categorical_checks(params: Params) -> list[dict]:
-    out = []
-    for key, spec in params.search.space.items():
-        if spec[0] == "categorical":
-            out += [{key: v} for v in spec[1]]
-    return out
 
 
 def stage_key(params: Params, root: str | Path = ".") -> str:
@@ -181,8 +179,8 @@ def stage_key(params: Params, root: str | Path = ".") -> str:
 @task(name="search", **task_options(retries=1, delay=10, cache=("search", stage_key)))
 def search_task(params: Params, root: str = ".") -> dict:
     set_threads(params.base)
-    with device_slot(params.base, root, "search"):
-        manifest = search(params, root)
+    with device_slot(params.base, root, "search") as device:
+        manifest = search(params, root, device)
     return record(root, files_under(paths.stage_dir(STAGE, root)), manifest=manifest)
 
 

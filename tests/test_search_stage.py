@@ -31,6 +31,19 @@ def test_trial_params_and_overrides_wrap_list_params(tiny_generator):
     assert overrides(p, values) == ["sample.guidance_scales=[2.5]", "sample.steps=3", "sample.checkpoints=[final]"]
 
 
+def test_baseline_is_the_current_settings_when_inside_the_space(tiny_generator):
+    from thinair.tasks.search import baseline
+
+    raw = _raw(tiny_generator)
+    raw["sample"] |= {"checkpoints": ["final"], "guidance_scales": [2.0], "steps": 2, "noise": 0.1}
+    assert baseline(parse_params(raw)) == {"sample.guidance_scales": 2.0, "sample.steps": 2,
+                                           "sample.checkpoints": "final", "sample.noise": 0.1}
+    raw["sample"]["steps"] = 9  # outside [1, 3]
+    assert baseline(parse_params(raw)) is None
+    raw["sample"] |= {"steps": 2, "guidance_scales": [2.0, 3.0]}  # two values: not one trial
+    assert baseline(parse_params(raw)) is None
+
+
 def test_study_key_ignores_searched_keys_and_trial_count_only(tiny_generator, tmp_path):
     from thinair.tasks.search import study_key
 
@@ -69,10 +82,10 @@ def test_search_stage_end_to_end_never_reads_test_and_resumes(tiny_generator, tm
     monkeypatch.setattr(stage, "read_split", lambda split, root=".": splits.append(split) or real_read(split, root))
     monkeypatch.setattr(io, "load_npz", lambda path: loaded.append(str(path)) or real_load(path))
 
-    def spy_score(tp, split, train, ws):
+    def spy_score(tp, split, train, ws, device=None):
         assert not np.intersect1d(split.train_ids, split.val_ids).size and len(split.val_ids) > 0
         calls.append(tp.sample.model_dump())
-        return real_score(tp, split, train, ws)
+        return real_score(tp, split, train, ws, device)
 
     monkeypatch.setattr(stage, "score", spy_score)
     m = stage.search(params, tmp_path)

@@ -335,7 +335,7 @@ class Params(_Section):
         try:
             check_space(self.search.space)
         except ValueError as err:
-            raise ValueError(f"search.space: {err}") from None
+            raise ValueError(str(err).replace("search space ", "search.space: ", 1)) from None
         for where, keys, sections in (("search.space", self.search.space, ("sample",)),
                                       ("search.fixed", self.search.fixed, ("sample", "cas"))):
             for key in keys:

@@ -9,11 +9,13 @@ pickled.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -31,14 +33,19 @@ os.umask(_UMASK)
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The writer holds an exclusive flock on its temporary file until it is renamed or removed, so the next write of
+    the same file can tell a killed writer's orphan (lock free: deleted) from a live writer's (lock held: kept),
+    on any host that shares the directory and whatever the process ids.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         faults.point("write-start", path)
         yield tmp
         with open(tmp, "rb") as f:
@@ -49,24 +56,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         faults.point("write-renamed", path)
     finally:
         tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _remove_orphans(path: Path) -> None:
-    """Delete temporary files of earlier writes of `path` whose writer is dead (a killed run leaves them)."""
+    """Delete temporary files of earlier writes of `path` that no live writer holds (a killed run leaves them)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp")  # mkstemp's 8 random characters
     for f in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = f.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if not pattern.fullmatch(f.name):
+            continue
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer holds it
+        else:
             f.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        finally:
+            os.close(fd)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -4,7 +4,7 @@ Each preset is a set of ``section.key`` overrides on top of ``params.yaml``, app
 experiment (``dvc exp run -S ...``) so results stay comparable in ``dvc exp show``. Values are from
 "Training on Thin Air" and its reference code (see shared/REFERENCE.md); ``paper`` holds the ResNet-18
 test accuracies (%) the paper reports: real only / generated only / real + generated. Reads and
-writes nothing, and reads only ``data/search/best.json`` (preset ``search-best``).
+writes nothing; the preset ``search-best`` reads ``data/search/best.json`` (the `search` stage's best trial).
 """
 from __future__ import annotations
 
@@ -62,7 +62,9 @@ def search_best(root: str | Path = ".") -> dict:
     """The overrides of the `search` stage's best trial as a preset (``{"params": {key: value}}``)."""
     import yaml
 
-    f = Path(root) / "data" / "search" / "best.json"
+    from thinair import paths
+
+    f = paths.stage_dir("search", root) / "best.json"
     if not f.is_file():
         raise ValueError(f"preset {SEARCH_BEST}: {f} does not exist; run the search first "
                          "(dvc exp run -n search -S search.trials=20), then this preset in that workspace")
@@ -70,10 +72,15 @@ def search_best(root: str | Path = ".") -> dict:
     return {"params": {o.split("=", 1)[0]: yaml.safe_load(o.split("=", 1)[1]) for o in best["overrides"]}}
 
 
-def set_args(name: str, root: str | Path = ".") -> list[str]:
-    """``-S key=value`` arguments of `dvc exp run` for preset `name` (values in YAML flow syntax)."""
+def yaml_value(value) -> str:
+    """A value in YAML flow syntax, as `-S key=value` and `thinair -S` take it."""
     import yaml
 
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def set_args(name: str, root: str | Path = ".") -> list[str]:
+    """``-S key=value`` arguments of `dvc exp run` for preset `name` (values in YAML flow syntax)."""
     table = PRESETS | METHODS
     if name == SEARCH_BEST:
         table = {name: search_best(root)}
@@ -81,5 +88,5 @@ def set_args(name: str, root: str | Path = ".") -> list[str]:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join([*table, SEARCH_BEST])}")
     out = []
     for key, value in table[name]["params"].items():
-        out += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+        out += ["-S", f"{key}={yaml_value(value)}"]
     return out

@@ -1,5 +1,6 @@
 """Keep credentials out of log output: a logging filter that masks the values of secret-looking environment
-variables (tokens, API keys, passwords, auth strings) in every record before any handler writes it.
+variables (tokens, API keys, passwords, auth strings) and the password of any ``scheme://user:password@`` URL in
+any variable (proxies, API URLs) in every record before any handler writes it.
 
 thinair itself never logs the environment, but with ``THINAIR_LOG_LEVEL=DEBUG`` third-party loggers do log
 what they send: websockets, for one, logs the ``Authorization`` header and the auth frame of Prefect's event
@@ -17,6 +18,7 @@ import re
 MASK = "***"
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|AUTH_STRING|CREDENTIAL|PRIVATE", re.IGNORECASE)
 MIN_LENGTH = 8  # shorter values ("1", "true") would mask ordinary words
+URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]*:([^/\s@]+)@", re.IGNORECASE)
 
 
 def secret_values(environ=None) -> list[str]:
@@ -29,6 +31,10 @@ def secret_values(environ=None) -> list[str]:
         for v in (value, value.partition(":")[2]):
             if len(v) >= MIN_LENGTH:
                 found |= {v, base64.b64encode(v.encode()).decode()}
+    for value in list(env.values()):  # any variable: the password in a URL's user:password@ (proxies, API URLs)
+        for password in URL_PASSWORD.findall(value or ""):
+            if len(password) >= 4:
+                found |= {password, base64.b64encode(password.encode()).decode()}
     return sorted(found, key=len, reverse=True)
 
 

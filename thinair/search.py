@@ -4,9 +4,10 @@ The reference scored each trial on the test split; here :func:`validation_split`
 set out of the real *train* split only, and :func:`run_study` hands every objective call that :class:`Split`
 (read-only id arrays) and can refuse a split that touches the test ids, so what an objective sees is checkable.
 Trials are stored in an Optuna journal file (``storage_path``, JournalStorage + JournalFileBackend) and a
-re-opened study runs only the trials still missing. Each trial's TPE sampler is seeded from (seed, trial number),
-so a resumed study proposes the same parameters as an uninterrupted one. Reads and writes only ``storage_path``.
-A study file has one writer at a time: trials left RUNNING by a killed run are marked FAIL when it is re-opened.
+re-opened study runs only the trials still missing. Each proposal's TPE sampler is seeded from (seed, number of
+finished trials), and a trial left RUNNING by a killed run is re-queued (then marked FAIL) when the study is
+re-opened, so a resumed study runs the same parameters as an uninterrupted one. A study file has one writer at a
+time. Reads and writes only ``storage_path``.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def _check_disjoint(split: Split, test_ids) -> None:
 
 
 def run_study(objective: Callable[[dict, Split], float], space: dict, n_trials: int, storage_path: str | Path,
-              study_name: str, seed: int, split: Split, *, direction: str = "maximize", test_ids=None):
+              study_name: str, seed: int, split: Split, *, direction: str = "maximize", test_ids=None,
+              first: dict | None = None):
     """Run (or resume) a seeded TPE study until it holds `n_trials` finished (complete or pruned) trials.
 
     Args:
@@ -115,6 +117,7 @@ def run_study(objective: Callable[[dict, Split], float], space: dict, n_trials: 
             any other exception marks the trial FAIL and propagates (a re-run replaces the trial).
         space: see :func:`distributions`.
         test_ids: if given, a split that shares any id with them is refused before any trial runs.
+        first: parameters (inside `space`) the first trial of a new study runs, e.g. the current settings.
     Returns:
         the ``optuna.Study``.
     """
@@ -129,12 +132,16 @@ def run_study(objective: Callable[[dict, Split], float], space: dict, n_trials: 
     storage = JournalStorage(JournalFileBackend(str(storage_path)))
     study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=seed_for(seed, "tpe") % 2**32))
+    if first is not None and not study.trials:
+        study.enqueue_trial(dict(first))  # e.g. the current settings, so the study has them as a baseline
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # left by a killed run (one writer per study file): fail it and run its parameters again next
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        # left by a killed run (one writer per study file): queue its parameters to run next, then fail it (in
+        # this order, so a kill in between cannot lose them)
         if not waiting:
             study.enqueue_trial(dict(t.params))
+            waiting = [t]
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
     for _ in range(max(0, n_trials - done)):

@@ -166,3 +166,18 @@ def inputs_digest(root: str | Path, *stages: str) -> list[list[str]]:
 
 def files_under(d: Path) -> list[Path]:
     return [f for f in sorted(d.rglob("*")) if f.is_file()]
+
+
+def link_stages(ws: Path, root: str | Path, stages: tuple[str, ...]) -> Path:
+    """A scratch workspace `ws` whose upstream stage outputs are symlinks to `root`'s (re-pointed if `root` moved);
+    stages `root` lacks are skipped. Returns `ws`."""
+    for stage in stages:
+        src, dst = paths.stage_dir(stage, root).resolve(), paths.stage_dir(stage, ws)
+        if not src.is_dir():
+            continue
+        if dst.is_symlink() and dst.resolve() != src:
+            dst.unlink()
+        if not dst.is_symlink():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src, target_is_directory=True)
+    return ws

@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +36,7 @@ TEMP_MARKERS = (".tmp", ".part")
 class Trial:
     at: int
     point: str  # "<kind> <what>" of the kill point
-    identical: bool
-    recomputed: list[str] = field(default_factory=list)
-    finished_before_kill: int = 0
+    finished_before_kill: int = 0  # chunks (cache entries) the killed run had finished: none was computed again
 
 
 @dataclass
@@ -139,7 +137,7 @@ def kill_anywhere(prepared: Path, stage: str, raw: dict, work: Path, outputs: li
     expected = digests(ref, outputs)
     assert expected, f"the clean {stage} run wrote nothing under {outputs}"
     if manifest_dir:
-        assert manifest_is_last(work / f"{stage}-ref.trace", manifest_dir), f"{stage}: manifest.json is not written last"
+        assert manifest_is_last(work / f"{stage}-ref.trace", manifest_dir), f"{stage}: manifest.json not written last"
     trials = []
     for at in choose_points(len(trace), points, seed, stage):
         ws = fresh(f"{stage}-kill{at}")
@@ -160,7 +158,7 @@ def kill_anywhere(prepared: Path, stage: str, raw: dict, work: Path, outputs: li
         finished = {w for k, w in seen if k == "computed"}
         again = sorted(finished & {w for k, w in read_trace(resume_trace) if k == "computed"})
         assert not again, f"{stage}: chunks finished before the kill at point {at} were computed again: {again}"
-        trials.append(Trial(at, " ".join(seen[-1]).replace(f"{ws}/", ""), True, again, len(finished)))
+        trials.append(Trial(at, " ".join(seen[-1]).replace(f"{ws}/", ""), len(finished)))
         shutil.rmtree(ws)
     shutil.rmtree(ref)
     return Report(stage, mode, len(trace), trials)

@@ -20,7 +20,7 @@ PRETRAIN = {"vae_steps": 4, "unet_steps": 4, "batch_size": 16, "unet_channels": 
             "cross_attention_dim": 8, "num_tokens": 2, "output": "gen"}
 CLASSENC = {"steps": 6, "batch_size": 16, "tokens": 2, "hidden": 16, "checkpoint_every": 2, "finetune": "lora",
             "finetune_steps": 4}
-MANIFESTS = {"ingest", "encode", "invert", "classenc", "sample"}
+MANIFESTS = {"ingest", "encode", "invert", "classenc", "search", "sample"}
 
 
 def _raw(gen, stage: str, mode: str = "core") -> dict:
@@ -31,6 +31,9 @@ def _raw(gen, stage: str, mode: str = "core") -> dict:
         raw["classenc"] = dict(CLASSENC)
     if stage == "pretrain":
         raw["pretrain"] = dict(PRETRAIN)
+    if stage == "search":  # two trials, so kills land inside a trial and between trials of the study
+        raw["search"] = {"trials": 2, "space": {"sample.guidance_scales": ["float", 1.0, 3.0],
+                                                "sample.steps": ["int", 1, 2]}}
     return raw
 
 
@@ -128,7 +131,7 @@ def test_kill_invert_anywhere(snapshots, tiny_generator, tmp_path):
 @pytest.mark.slow
 def test_kill_every_stage_anywhere(snapshots, tiny_generator, tmp_path):
     reports = _run(snapshots, tiny_generator, tmp_path, ["pretrain", *ORDER])
-    assert sum(len(r.trials) for r in reports) >= 3 * 9
+    assert sum(len(r.trials) for r in reports) >= 3 * (len(ORDER) + 1)
 
 
 @pytest.mark.slow
@@ -149,7 +152,12 @@ def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path):
     target = tmp_path / "out" / "metrics.json"
     assert subprocess.run([sys.executable, "-c", code, str(target)], env=env, start_new_session=True).returncode == -9
     (orphan,) = (tmp_path / "out").glob(".metrics.json.*.tmp")
-    live = tmp_path / "out" / f".metrics.json.{os.getpid()}.abc.tmp"  # this process: alive
-    live.write_text("")
-    io.write_json(target, {"a": 2})
-    assert not orphan.exists() and live.exists() and io.read_json(target) == {"a": 2}
+    with io.atomic_path(target) as live:  # a live writer's temporary file (its flock held) survives
+        io.write_json(target, {"a": 2})
+        assert not orphan.exists() and live.exists()
+        live.write_text('{"a": 3}')
+    assert io.read_json(target) == {"a": 3} and not list((tmp_path / "out").glob(".*.tmp"))
+    other = tmp_path / "out" / ".metrics.json.1.tmp"  # not one of ours (not mkstemp's name): left alone
+    other.write_text("")
+    io.write_json(target, {"a": 4})
+    assert other.exists()

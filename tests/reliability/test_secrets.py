@@ -229,6 +229,15 @@ def test_the_log_filter_masks_secret_environment_values(monkeypatch):
     assert "ordinary HOME line in /home/someone/projects" in text
 
 
+def test_passwords_inside_urls_of_any_variable_are_masked():
+    from thinair import redact
+
+    env = {"HTTPS_PROXY": "http://bob:hunter22@proxy:3128", "PREFECT_API_URL": "https://u:s3cr3t-pw@prefect.example/api",
+           "PLAIN_URL": "http://127.0.0.1:4200/api", "RATIO": "a:b"}
+    masked = redact.secret_values(env)
+    assert {"hunter22", "s3cr3t-pw"} <= set(masked) and not {"4200/api", "b", "bob", "u"} & set(masked)
+
+
 # ---- the source: the environment is only ever read one named variable at a time ----------------------------
 
 ENV_ONE_KEY = {"get", "setdefault", "pop", "update", "__setitem__", "__contains__"}
