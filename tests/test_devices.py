@@ -134,3 +134,17 @@ def test_invert_on_a_local_dask_cluster_equals_the_thread_runner(prefect_server,
         outs[kind]["losses"] = io.read_json(d / "losses.json")["curves"]
     assert len(outs["thread"]) == 4  # 2 chunks, the manifest and the loss curves
     assert outs["dask"] == outs["thread"]
+
+
+def test_slots_of_killed_runs_are_reclaimed_on_the_shared_temporary_server_only(monkeypatch):
+    """`thinair` with process workers points them at its temporary server through PREFECT_API_URL: they must
+    still reclaim killed runs' slots there (else a kill -9 leaves the `gpu` limit full for good), but never on a
+    real server, whose repossessor does it."""
+    from thinair.devices import TEMPORARY_SERVER_ENV, reapable
+
+    fs = "prefect.server.concurrency.lease_storage.filesystem"
+    monkeypatch.delenv(TEMPORARY_SERVER_ENV, raising=False)
+    assert reapable(None, fs) and not reapable(None, "prefect.server.concurrency.lease_storage.memory")
+    assert not reapable("http://127.0.0.1:8875/api", fs)  # a server thinair did not start
+    monkeypatch.setenv(TEMPORARY_SERVER_ENV, "http://127.0.0.1:8875/api")
+    assert reapable("http://127.0.0.1:8875/api", fs) and not reapable("http://prefect.example/api", fs)

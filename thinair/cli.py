@@ -157,6 +157,7 @@ def _share_temporary_server() -> None:
     server = SubprocessASGIServer()  # the instance this process's own flow run uses too (stopped at exit)
     server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
     os.environ["PREFECT_API_URL"] = server.api_url  # inherited by spawned workers
+    os.environ["THINAIR_TEMPORARY_API_URL"] = server.api_url  # so they still reclaim killed runs' device slots
 
 
 def _preset(args) -> int:

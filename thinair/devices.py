@@ -53,15 +53,23 @@ def ensure_limit(base) -> int:
     return n
 
 
-def reap_expired_leases() -> int:
-    """Revoke leases whose holder stopped renewing them (killed processes), when we run on a temporary server.
+TEMPORARY_SERVER_ENV = "THINAIR_TEMPORARY_API_URL"  # set by `thinair` when it shares its temporary server
 
-    With a real server (PREFECT_API_URL set) its own repossessor service does this; we do nothing.
-    """
+
+def reapable(api_url: str | None, lease_storage: str) -> bool:
+    """Whether this process must reclaim killed runs' slots itself: on Prefect's temporary server (no API URL, or
+    the temporary server `thinair` started and shares with its worker processes), with leases kept on disk. A
+    real server runs its own repossessor service."""
+    temporary = not api_url or api_url == os.environ.get(TEMPORARY_SERVER_ENV)
+    return temporary and lease_storage.endswith("filesystem")
+
+
+def reap_expired_leases() -> int:
+    """Revoke leases whose holder stopped renewing them (killed processes), when we run on a temporary server."""
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if settings.api.url or not settings.server.concurrency.lease_storage.endswith("filesystem"):
+    if not reapable(settings.api.url, settings.server.concurrency.lease_storage):
         return 0
     from prefect.server.concurrency.lease_storage import get_concurrency_lease_storage
     from prefect.server.database import provide_database_interface

@@ -102,6 +102,9 @@ def strays(root: Path, outputs: list[str]) -> list[str]:
 def run_child(root: Path, stage: str, mode: str, trace: Path, kill_at: int | None = None,
               timeout: float = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, THINAIR_TRACE=str(trace), PYTHONPATH=str(ROOT))
+    if mode == "cli":  # its own Prefect database: the `gpu` limit's slots are not shared with other runs here
+        env["PREFECT_HOME"] = str(root.parent / f"{root.name.split('-')[0]}-prefect-home")
+        env.pop("PREFECT_API_URL", None)
     env.pop("THINAIR_KILL_AT", None)
     if kill_at is not None:
         env["THINAIR_KILL_AT"] = str(kill_at)
