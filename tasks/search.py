@@ -147,9 +147,8 @@ def search(params: Params, root: str | Path = ".", device=None) -> dict:
         log.info("search trial %s: validation CAS %.4f on %d synthetic images", values, acc, n)
         return acc
 
-    first = baseline(params)
     study = core.run_study(objective, s.space, s.trials, paths.work_dir(STAGE, root) / f"{key}.journal",
-                           f"search-{key}", params.base.seed, split, first=first)
+                           f"search-{key}", params.base.seed, split, first=baseline(params))
     table = pd.DataFrame([{"trial": t.number, "state": t.state.name, "validation_cas": t.value}
                           | {k: t.params.get(k) for k in s.space} for t in study.get_trials(deepcopy=False)])
     with io.atomic_path(out / "trials.csv") as tmp:
@@ -159,7 +158,8 @@ def search(params: Params, root: str | Path = ".", device=None) -> dict:
     command = "dvc exp run -n search-best " + " ".join(f"-S {shlex.quote(o)}" for o in sets)
     io.write_json(out / "best.json", {"trial": best.number, "validation_cas": best.value, "params": best.params,
                                       "overrides": sets, "command": command})
-    base_trial = study.trials[0] if first is not None and study.trials[0].params == first else None
+    base = study.user_attrs.get("first_trial")  # the settings the study began from (even after they changed)
+    base_trial = next((t for t in study.trials if base is not None and t.params == base and t.value is not None), None)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     manifest = {"ran": True, "study": key, "trials": len(complete), "best_trial": best.number,
                 "best_validation_cas": best.value,

@@ -102,9 +102,17 @@ def test_two_simulated_devices_bound_the_chunk_tasks(prefect_server, tiny_genera
                 active.discard(slot)
 
     monkeypatch.setattr(invert, "invert_chunk", observed)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("THINAIR_TRACE", str(trace))  # every durable write (thinair/faults.py)
     flow = invert_flow.with_options(task_runner=task_runner(4, "thread"))
     manifest = flow(params=params, root=root)
     assert len(manifest["chunks"]) == 8 and len(slots_seen) == 8
+    # concurrent chunk tasks never write the same file: each output is written exactly once
+    events = [line.split(" ", 2)[1:] for line in trace.read_text().splitlines()]
+    outputs = [w for k, w in events if k == "write-renamed" and "/data/invert/" in w]
+    assert len(outputs) == len(set(outputs)) == 8 + 2, outputs  # 8 chunks, losses.json, manifest.json
+    computed = [w for k, w in events if k == "computed"]
+    assert len(computed) == len(set(computed)) == 8
     assert peak[0] == 2, f"at most 2 chunk tasks may hold devices at once (peak {peak[0]})"
     assert set(slots_seen) == {0, 1}
     from prefect.client.orchestration import get_client

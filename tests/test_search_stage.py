@@ -74,7 +74,9 @@ def test_search_stage_end_to_end_never_reads_test_and_resumes(tiny_generator, tm
     from thinair.config import load_params
     from thinair.tasks import search as stage
 
-    params = parse_params(_raw(tiny_generator, trials=3))
+    start = _raw(tiny_generator, trials=3)
+    start["sample"] |= {"checkpoints": ["final"], "guidance_scales": [2.0], "noise": 0.1}  # inside the space
+    params = parse_params(start)
     run_all(params, tmp_path, ("ingest", "encode", "invert", "classenc"))
     test_shards = {s for s in io.read_json(tmp_path / "data/ingest/manifest.json")["splits"]["test"]["shards"]}
     splits, loaded, calls = [], [], []
@@ -91,6 +93,11 @@ def test_search_stage_end_to_end_never_reads_test_and_resumes(tiny_generator, tm
     m = stage.search(params, tmp_path)
     assert splits == ["train"] and not [f for f in loaded if any(f.endswith(s) for s in test_shards)]
     assert m["ran"] and m["trials"] == 3 and len(calls) == 3
+    # the first trial ran the current settings: the study's baseline
+    assert {k: calls[0][k] for k in ("guidance_scales", "steps", "checkpoints", "noise")} == \
+        {"guidance_scales": [2.0], "steps": 2, "checkpoints": ["final"], "noise": 0.1}
+    first = float((tmp_path / "data/search/trials.csv").read_text().splitlines()[1].split(",")[2])
+    assert m["baseline_validation_cas"] == pytest.approx(first)
     assert m["train_part"] + m["validation_part"] == 40  # 4 digits x 10 classes
     trials = (tmp_path / "data/search/trials.csv").read_text().splitlines()
     assert len(trials) == 4 and trials[0].startswith("trial,state,validation_cas")
@@ -105,7 +112,9 @@ def test_search_stage_end_to_end_never_reads_test_and_resumes(tiny_generator, tm
     calls.clear()
     assert stage.search(parse_params(_raw(tiny_generator, trials=4)), tmp_path)["trials"] == 4 and len(calls) == 1
     calls.clear()
-    assert stage.search(parse_params(_raw(tiny_generator, trials=4)), tmp_path)["trials"] == 4 and not calls
+    again = stage.search(parse_params(_raw(tiny_generator, trials=4)), tmp_path)
+    assert again["trials"] == 4 and not calls
+    assert again["baseline_validation_cas"] == pytest.approx(first)  # still the settings the study began from
 
 
 def test_search_off_writes_only_its_manifest(tiny_generator, tmp_path):

@@ -117,7 +117,8 @@ def run_study(objective: Callable[[dict, Split], float], space: dict, n_trials: 
             any other exception marks the trial FAIL and propagates (a re-run replaces the trial).
         space: see :func:`distributions`.
         test_ids: if given, a split that shares any id with them is refused before any trial runs.
-        first: parameters (inside `space`) the first trial of a new study runs, e.g. the current settings.
+        first: parameters (inside `space`) the first trial of a new study runs, e.g. the current settings; kept
+            as the study's user attribute ``first_trial``.
     Returns:
         the ``optuna.Study``.
     """
@@ -133,7 +134,8 @@ def run_study(objective: Callable[[dict, Split], float], space: dict, n_trials: 
     study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=seed_for(seed, "tpe") % 2**32))
     if first is not None and not study.trials:
-        study.enqueue_trial(dict(first))  # e.g. the current settings, so the study has them as a baseline
+        study.set_user_attr("first_trial", dict(first))  # e.g. the current settings: the study's baseline
+        study.enqueue_trial(dict(first))
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # left by a killed run (one writer per study file): queue its parameters to run next, then fail it (in
