@@ -13,7 +13,7 @@ Caveat: with ``sample.method: class_encoder`` the encoder (the `classenc` stage)
 split, validation part included, so those trials' scores are optimistic; their ranking is what the search uses.
 
 Reads ``data/ingest`` (train split), ``data/encode`` (img2img), ``data/invert``, ``data/classenc`` and the
-generator. Writes ``data/search/trials.csv`` (every trial: number, state, validation CAS, parameters),
+generator. Writes ``data/search/trials.csv`` (every finished trial: number, state, validation CAS, parameters),
 ``data/search/best.json`` (the best trial's parameters as ``-S`` overrides and the `dvc exp run` command that
 applies them; ``thinair preset search-best --run`` runs it) and ``manifest.json`` (last). The study (Optuna
 journal) and the trials' scratch workspace live in ``.thinair/work/search``: a killed search resumes, re-running
@@ -149,25 +149,27 @@ def search(params: Params, root: str | Path = ".", device=None) -> dict:
 
     study = core.run_study(objective, s.space, s.trials, paths.work_dir(STAGE, root) / f"{key}.journal",
                            f"search-{key}", params.base.seed, split, first=baseline(params))
-    table = pd.DataFrame([{"trial": t.number, "state": t.state.name, "validation_cas": t.value}
-                          | {k: t.params.get(k) for k in s.space} for t in study.get_trials(deepcopy=False)])
+    # the finished trials, numbered in order: attempts a killed run left FAILed (and re-ran) are not results
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    table = pd.DataFrame([{"trial": i, "state": t.state.name, "validation_cas": t.value}
+                          | {k: t.params.get(k) for k in s.space} for i, t in enumerate(finished)])
     with io.atomic_path(out / "trials.csv") as tmp:
         table.to_csv(tmp, index=False)
     best = study.best_trial
+    best_number = next(i for i, t in enumerate(finished) if t.number == best.number)
     sets = overrides(params, best.params)
     command = "dvc exp run -n search-best " + " ".join(f"-S {shlex.quote(o)}" for o in sets)
-    io.write_json(out / "best.json", {"trial": best.number, "validation_cas": best.value, "params": best.params,
+    io.write_json(out / "best.json", {"trial": best_number, "validation_cas": best.value, "params": best.params,
                                       "overrides": sets, "command": command})
     base = study.user_attrs.get("first_trial")  # the settings the study began from (even after they changed)
-    base_trial = next((t for t in study.trials if base is not None and t.params == base and t.value is not None), None)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    manifest = {"ran": True, "study": key, "trials": len(complete), "best_trial": best.number,
-                "best_validation_cas": best.value,
+    base_trial = next((t for t in finished if base is not None and t.params == base and t.value is not None), None)
+    manifest = {"ran": True, "study": key, "trials": sum(t.state == TrialState.COMPLETE for t in finished),
+                "best_trial": best_number, "best_validation_cas": best.value,
                 "baseline_validation_cas": None if base_trial is None else base_trial.value,
                 "train_part": int(len(split.train_ids)), "validation_part": int(len(split.val_ids)),
                 "files": ["trials.csv", "best.json"]}
     io.write_json(out / io.MANIFEST, manifest)
-    log.info("search: best trial %d, validation CAS %.4f (current settings: %s): %s", best.number, best.value,
+    log.info("search: best trial %d, validation CAS %.4f (current settings: %s): %s", best_number, best.value,
              manifest["baseline_validation_cas"], " ".join(sets))
     return manifest
 
