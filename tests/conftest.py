@@ -13,6 +13,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _console_logs_follow_this_tests_streams():
+    """Prefect and DVC bind their console handlers to sys.stderr / sys.stdout as they are when logging is set up;
+    under pytest those may be an earlier test's captured streams, closed by now. Re-point them at this test's."""
+    import logging
+    import sys
+
+    loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
+                                       if isinstance(lg, logging.Logger)]
+    for h in {h for lg in loggers for h in lg.handlers}:
+        kind = type(h).__name__
+        if kind == "PrefectConsoleHandler":
+            with h.lock:
+                h.stream = h.console.file = sys.stderr
+        elif kind == "LoggerHandler" and type(h).__module__ == "dvc.logger":
+            with h.lock:
+                h.stream = sys.stderr if h.level >= logging.WARNING else sys.stdout
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_generator(tmp_path_factory) -> Path:
     """A random tiny SD-layout generator directory: 16 px images, VAE factor 4, 4x4x4 latents."""

@@ -114,3 +114,22 @@ def test_pipeline_takes_set_after_the_subcommand_as_the_readme_shows(tmp_path, c
     assert main(["--root", str(tmp_path), "pipeline", "-S", "sample.guidance_scale=[3.0]"]) == 2
     assert "sample.guidance_scale" in capsys.readouterr().err
     assert (tmp_path / "params.yaml").read_text() == "sample:\n  noise: 0.1\n"
+
+
+def test_dvc_console_follows_the_current_streams():
+    """`import dvc` binds its console handlers to the streams of that moment; once those are closed (an earlier
+    test's captured output), DVC's next log line failed a reproduction. thinair re-points them before each use."""
+    import io
+    import logging
+    import sys
+
+    from dvc.logger import LoggerHandler
+
+    handlers = [h for h in logging.getLogger("dvc").handlers if isinstance(h, LoggerHandler)]
+    gone = io.StringIO()
+    gone.close()
+    for h in handlers:
+        h.stream = gone
+    dvcrun._console_to_current_streams()
+    assert handlers and all(h.stream is (sys.stderr if h.level >= logging.WARNING else sys.stdout) for h in handlers)
+    logging.getLogger("dvc.stage.run").info("Running stage 'x':")  # raised "I/O operation on closed file" before

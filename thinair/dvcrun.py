@@ -26,11 +26,27 @@ _CWD_LOCK = threading.Lock()
 PARENT_RUN_ENV = "THINAIR_PIPELINE_RUN"  # set for stage subprocesses: their flow runs are tagged with it
 
 
+def _console_to_current_streams() -> None:
+    """Point DVC's console handlers at today's sys.stdout / sys.stderr. `import dvc` binds them to the streams of
+    that moment; if those were replaced and closed since (a test's captured output, a redirected server process),
+    DVC's next log line would fail the whole reproduction with "I/O operation on closed file"."""
+    import sys
+
+    from dvc.logger import LoggerHandler
+
+    for name in ("dvc", "dvc_objects", "dvc_data"):
+        for h in logging.getLogger(name).handlers:
+            if isinstance(h, LoggerHandler):
+                with h.lock:
+                    h.stream = sys.stderr if h.level >= logging.WARNING else sys.stdout
+
+
 @contextlib.contextmanager
 def repo(root: str | Path):
     """DVC's Repo for the project at `root`, used from inside it (DVC resolves outputs against the cwd)."""
     from dvc.repo import Repo
 
+    _console_to_current_streams()
     with _CWD_LOCK:
         old = os.getcwd()
         os.chdir(root)
