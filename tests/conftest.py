@@ -23,13 +23,13 @@ def _console_logs_follow_this_tests_streams():
     loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
                                        if isinstance(lg, logging.Logger)]
     for h in {h for lg in loggers for h in lg.handlers}:
-        kind = type(h).__name__
-        if kind == "PrefectConsoleHandler":
+        if type(h).__name__ == "PrefectConsoleHandler":
             with h.lock:
                 h.stream = h.console.file = sys.stderr
-        elif kind == "LoggerHandler" and type(h).__module__ == "dvc.logger":
-            with h.lock:
-                h.stream = sys.stderr if h.level >= logging.WARNING else sys.stdout
+    if "dvc.logger" in sys.modules:  # DVC's: the product's own helper (thinair/dvcrun.py)
+        from thinair.dvcrun import _console_to_current_streams
+
+        _console_to_current_streams()
     yield
 
 
