@@ -19,7 +19,7 @@ import time
 import torch
 
 from thinair.generator import DTYPES, Generator, apply_fast_paths, load_generator, sd_scheduler_config
-from thinair.tasks.sample import denoise
+from thinair.diffusion import denoise
 
 SD_V1_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                   block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from thinair.stage import link_stages
+from thinair.upstream import link_stages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from steps_sweep import sample_and_score  # noqa: E402 - the sibling benchmark's scoring helper
@@ -42,13 +42,13 @@ def _params(params_path: str, seeds: int, extra: list[str]):
 
 
 def run_method(root: Path, params_path: str, method: str, seeds: int) -> dict:
-    from thinair.tasks import classenc
+    from thinair.units import run_local
 
     ws = root / ".thinair" / "methods" / method
     link_stages(ws, root, ("ingest", "encode", "invert"))
     params = _params(params_path, seeds, [f"sample.method={method}", "cas.modes=[synthetic]"])
     t0 = time.perf_counter()
-    trained = classenc.train(params, ws)
+    trained = run_local("classenc", params, ws)
     train_s = time.perf_counter() - t0
     r = sample_and_score(params, ws)
     return {"method": method, "images": r["images"], "train_seconds": round(train_s, 1) if trained["trained"]
@@ -59,8 +59,7 @@ def run_method(root: Path, params_path: str, method: str, seeds: int) -> dict:
 def run_real(root: Path, params_path: str, seeds: int, synthetic: Path) -> dict:
     """CAS trained on the real train split, and the real floor of the metrics (test vs train). `synthetic`: a
     method's data/sample (metrics also compute synthetic vs train; this row reports only test vs train)."""
-    from thinair.tasks.cas import cas
-    from thinair.tasks.metrics import metrics
+    from thinair.units import run_local
 
     ws = root / ".thinair" / "methods" / "real"
     link_stages(ws, root, ("ingest", "encode", "invert"))
@@ -69,9 +68,9 @@ def run_real(root: Path, params_path: str, seeds: int, synthetic: Path) -> dict:
         sample.unlink()
     sample.symlink_to(synthetic.resolve(), target_is_directory=True)
     params = _params(params_path, seeds, ["cas.modes=[real]"])
-    m = metrics(params, ws)["test_vs_train"]
-    c = cas(params, ws)["accuracy"]["real"]
-    from thinair.stage import read_split
+    m = run_local("metrics", params, ws)["test_vs_train"]
+    c = run_local("cas", params, ws)["accuracy"]["real"]
+    from thinair.upstream import read_split
 
     return {"method": "real", "images": int(len(read_split("train", ws).labels)), "train_seconds": 0.0,
             "sample_seconds": 0.0, "cas": c, **{k: round(float(m[k]), 4) for k in KEYS}}

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thinair.stage import link_stages
+from thinair.upstream import link_stages
 
 MB = 1024 * 1024
 FLAT_TOLERANCE = 0.10  # "flat": second-half peak and middle-80 % drift both within 10 % of the peak

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from thinair.stage import link_stages
+from thinair.upstream import link_stages
 
 DEFAULT_CONFIGS = ("pndm:100,ddim:25,dpmsolver++:10,dpmsolver++:15,dpmsolver++:20,dpmsolver++:25,"
                    "unipc:10,unipc:15,unipc:20,unipc:25")
@@ -32,16 +32,14 @@ DEFAULT_CONFIGS = ("pndm:100,ddim:25,dpmsolver++:10,dpmsolver++:15,dpmsolver++:2
 
 def sample_and_score(params, ws: Path) -> dict:
     """The real `sample` stage code (timed; generator already loaded), then `metrics` and `cas`, in `ws`."""
-    from thinair.tasks import sample as sample_stage
-    from thinair.tasks.cas import cas
-    from thinair.tasks.metrics import metrics
+    from thinair.units import run_local
 
     t0 = time.perf_counter()
-    records = [sample_stage.sample_chunk(params, c, ws) for c in range(sample_stage.chunk_count(ws))]
-    manifest = sample_stage.finalize(params, records, ws)
+    manifest = run_local("sample", params, ws)
     seconds = time.perf_counter() - t0
-    return {"images": manifest["total"], "seconds": seconds, "metrics": metrics(params, ws)["synthetic_vs_train"],
-            "cas": cas(params, ws)["accuracy"]["synthetic"]}
+    return {"images": manifest["total"], "seconds": seconds,
+            "metrics": run_local("metrics", params, ws)["synthetic_vs_train"],
+            "cas": run_local("cas", params, ws)["accuracy"]["synthetic"]}
 
 
 def run_config(root: Path, params_path: str, scheduler: str, steps: int, per_embedding: int, seeds: int,

@@ -2,15 +2,11 @@
 (tasks/classenc.py); one task holding a `gpu` slot, a Prefect cache hit when nothing changed."""
 from prefect import flow
 
-from thinair.caching import bind
 from thinair.config import Params
-from thinair.devices import ensure_limit
 from thinair.flows._runner import resolve
-from thinair.tasks.classenc import classenc_task
+from thinair.units import run_flow
 
 
 @flow(name="classenc")
 def classenc_flow(params: Params | None = None, params_path: str = "params.yaml", root: str = ".") -> dict:
-    params = resolve(params, params_path)
-    ensure_limit(params.base)
-    return bind(classenc_task, root)(params, root)["manifest"]
+    return run_flow("classenc", resolve(params, params_path), root)

@@ -1,12 +1,11 @@
-"""Flow `ingest`: dataset -> data/ingest (see tasks/ingest.py)."""
+"""Flow `ingest`: dataset -> data/ingest (see tasks/ingest.py); one task, a Prefect cache hit when nothing changed."""
 from prefect import flow
 
 from thinair.config import Params
 from thinair.flows._runner import resolve
-from thinair.caching import bind
-from thinair.tasks.ingest import ingest_task
+from thinair.units import run_flow
 
 
 @flow(name="ingest")
 def ingest_flow(params: Params | None = None, params_path: str = "params.yaml", root: str = ".") -> dict:
-    return bind(ingest_task, root)(resolve(params, params_path), root)["manifest"]
+    return run_flow("ingest", resolve(params, params_path), root)

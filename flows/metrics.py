@@ -4,16 +4,13 @@ from prefect import flow
 
 from thinair.config import Params
 from thinair.flows._runner import resolve
-from thinair.caching import bind
-from thinair.devices import ensure_limit
 from thinair.orchestration import publish_tables
-from thinair.tasks.metrics import metrics_task, tables
+from thinair.tasks.metrics import tables
+from thinair.units import run_flow
 
 
 @flow(name="metrics")
 def metrics_flow(params: Params | None = None, params_path: str = "params.yaml", root: str = ".") -> dict:
-    params = resolve(params, params_path)
-    ensure_limit(params.base)
-    result = bind(metrics_task, root)(params, root)["result"]
+    result = run_flow("metrics", resolve(params, params_path), root)
     publish_tables(tables(result))
     return result

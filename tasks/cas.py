@@ -16,29 +16,23 @@ cached by content in ``.thinair/cache/cas``; a training in progress checkpoints 
 """
 from __future__ import annotations
 
-import logging
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
-from prefect import task
 
-from thinair import classifier, io, paths
+from thinair import io, paths
 from thinair.config import Params
-from thinair.caching import record
-from thinair.devices import current_device, device_slot, set_threads
-from thinair.generator import generator_identity, runtime_key
-from thinair.orchestration import task_options
-from thinair.stage import (ChunkCache, Split, Synthetic, content_key, inputs_digest, read_split, read_synthetic,
-                           source_hash)
+from thinair.devices import current_device
+from thinair.diffusion import encode_images
+from thinair.generator import generator_for, runtime_key
+from thinair.images import to_uint8
+from thinair.training import train_and_test, training_parts
+from thinair.units import Checkpoint, cached, code_key, content_key
+from thinair.upstream import LabelledImages, Synthetic, read_split, read_synthetic
 
 STAGE = "cas"
-# The fields of `cas` that change a training's result (seeds/modes/scaling lists only choose which to run).
-TRAIN_FIELDS = ("model", "width", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-                "warmup_epochs", "crop_padding", "flip", "augment")
-log = logging.getLogger(__name__)
-_TRAIN_LOCK = threading.Lock()  # trainings seed torch's global RNG: one at a time per process, so threads can't mix
+RETRIES = (1, 5)
 
 
 def first_variants(syn: Synthetic, n: int) -> np.ndarray:
@@ -59,58 +53,8 @@ def real_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(rows))
 
 
-def train_run(params: Params, tag: str, seed: int, sources: list[tuple[np.ndarray, np.ndarray, float]],
-              tests: dict[str, Split], n_classes: int, root: str | Path = ".") -> dict:
-    """Train one classifier on `sources` [(uint8 images, labels, batch share)] and test it on each of `tests`.
-
-    Cached by content (training fields, seed, every array); checkpointed every epoch so a kill resumes.
-    """
-    p = params.cas
-    key = content_key(STAGE, source_hash(__name__), source_hash(classifier.__name__), source_hash("thinair.augment"),
-                      {f: getattr(p, f) for f in TRAIN_FIELDS}, seed,
-                      [(x, y, share) for x, y, share in sources], {k: (t.images, t.labels) for k, t in tests.items()})
-    cache = ChunkCache(STAGE, root)
-    hit = cache.get(key, "result.json")
-    if hit is not None:
-        log.info("cas %s seed %d: reused from cache %s (not retrained)", tag, seed, key)
-        return io.read_json(hit) | {"tag": tag}  # the same training may serve several runs (e.g. scaling at 100 %)
-    work = paths.work_dir(STAGE, root) / f"{key}.pt"
-    resume = torch.load(work, weights_only=True) if work.is_file() else None  # our own checkpoint
-    if resume is not None:
-        log.info("cas %s seed %d: resuming after epoch %d", tag, seed, int(resume["epoch"]))
-
-    def on_epoch(epoch, loss, state):
-        log.info("cas %s seed %d: epoch %d/%d loss %.4f", tag, seed, epoch, p.epochs, loss)
-        if epoch < p.epochs:
-            with io.atomic_path(work) as tmp:
-                torch.save(state, tmp)
-
-    h, _, c = sources[0][0].shape[1:]
-    with _TRAIN_LOCK:
-        net = classifier.build(p.model, c, n_classes, h, seed, p.width)
-        classifier.train(net, [(classifier.to_tensor(x), torch.from_numpy(y), share) for x, y, share in sources],
-                         epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer, lr=p.lr,
-                         momentum=p.momentum, weight_decay=p.weight_decay, warmup_epochs=p.warmup_epochs,
-                         padding=p.crop_padding, flip=p.flip, augment=tuple(p.augment), seed=seed,
-                         device=current_device(params.base), resume=resume, on_epoch=on_epoch)
-    result = {"tag": tag, "seed": seed, "train_images": int(sum(len(x) for x, _, _ in sources))}
-    for name, t in tests.items():
-        pred = classifier.predict(net.cpu(), classifier.to_tensor(t.images)).numpy()
-        result[name] = {"accuracy": float((pred == t.labels).mean()),
-                        "per_class_accuracy": [float((pred[t.labels == k] == k).mean()) for k in range(n_classes)]}
-    tmp = cache.dir / key / "result.json.part"
-    io.write_json(tmp, result)
-    cache.put(key, "result.json", tmp)
-    work.unlink(missing_ok=True)
-    return result
-
-
-def reconstructed(params: Params, test: Split) -> Split:
+def reconstructed(params: Params, test: LabelledImages) -> LabelledImages:
     """The test images after a round trip through the generator's VAE (encode mean -> decode)."""
-    from thinair.generator import generator_for
-    from thinair.images import to_uint8
-    from thinair.tasks.encode import encode_images
-
     b = params.base
     gen, device = generator_for(b, device=current_device(b))
     post = encode_images(gen.vae, test.images, b.gen_resolution, params.encode.interpolation,
@@ -121,14 +65,14 @@ def reconstructed(params: Params, test: Split) -> Split:
         for s in range(0, len(test.labels), params.encode.batch_size):
             z = post["mean"][s:s + params.encode.batch_size].to(device, gen.vae.dtype)
             out.append(to_uint8(gen.vae.decode(z).sample, h, c))
-    return Split(np.concatenate(out), test.labels, test.class_names)
+    return LabelledImages(np.concatenate(out), test.labels, test.class_names)
 
 
 def run_seeds(params: Params, mode: str) -> list[int]:
     return [io.seed_for(params.base.seed, STAGE, mode, i) for i in range(params.cas.seeds)]
 
 
-def mode_sources(params: Params, mode: str, real: Split, syn: Synthetic | None) -> list:
+def mode_sources(params: Params, mode: str, real: LabelledImages, syn: Synthetic | None) -> list:
     p = params.cas
     return {"real": lambda: [(real.images, real.labels, 1.0)],
             "synthetic": lambda: [(syn.images, syn.labels, 1.0)],
@@ -136,7 +80,7 @@ def mode_sources(params: Params, mode: str, real: Split, syn: Synthetic | None) 
                                        (syn.images, syn.labels, 1 - p.real_fraction)]}[mode]()
 
 
-def scaling_runs(params: Params, real: Split, syn: Synthetic) -> list[dict]:
+def scaling_runs(params: Params, real: LabelledImages, syn: Synthetic) -> list[dict]:
     """The scaling studies' trainings: [{study, x, mode, images, rows, seed}], one seed each (the mode's first);
     `rows` index the synthetic set (mode synthetic) or the real train split (mode real)."""
     p, runs = params.cas, []
@@ -155,26 +99,10 @@ def scaling_runs(params: Params, real: Split, syn: Synthetic) -> list[dict]:
     return [r for r in runs if r["images"] > 0]  # a tiny share may keep no image whose partner is kept too
 
 
-def cas(params: Params, root: str | Path = ".") -> dict:
-    """Every training of the stage, one after the other (the flow runs them as parallel tasks instead)."""
-    jobs = plan(params, root)
-    return summarize(params, [run_job(params, j, root) for j in jobs], root)
-
-
-def plan(params: Params, root: str | Path = ".") -> list[dict]:
-    """The stage's trainings as small records (mode/study, seed) for tasks to run."""
-    p = params.cas
-    jobs = [{"kind": "mode", "mode": m, "seed": s} for m in p.modes for s in run_seeds(params, m)]
-    if p.scale_synthetic or p.scale_real:
-        real, syn = read_split("train", root), read_synthetic(root)
-        jobs += [{"kind": "scaling", "index": i} for i in range(len(scaling_runs(params, real, syn)))]
-    return jobs
-
-
 _INPUTS: dict = {}  # per process: (root, manifests' hashes) -> (train, test, synthetic); jobs share one read
 
 
-def _inputs(root: str | Path, synthetic: bool) -> tuple[Split, Split, Synthetic | None]:
+def _inputs(root: str | Path, synthetic: bool) -> tuple[LabelledImages, LabelledImages, Synthetic | None]:
     manifests = [paths.stage_dir(s, root) / io.MANIFEST for s in ("ingest", "sample")]
     key = (str(Path(root).resolve()), synthetic) + tuple(io.file_sha256(f) if f.is_file() else "" for f in manifests)
     if key not in _INPUTS:
@@ -184,41 +112,71 @@ def _inputs(root: str | Path, synthetic: bool) -> tuple[Split, Split, Synthetic 
     return _INPUTS[key]
 
 
-def run_job(params: Params, job: dict, root: str | Path = ".") -> dict:
-    """Run one planned training (reading its inputs from the workspace once per process) and return its record."""
+def units(params: Params, root: str | Path = ".") -> list[dict]:
+    """One unit per training: every mode x seed (wave 0), then the scaling studies' points (wave 1: their full-size
+    points are the same trainings as mode runs and come from the cache)."""
+    p = params.cas
+    out = [{"name": f"{m}-seed{s}", "wave": 0, "job": {"kind": "mode", "mode": m, "seed": s}}
+           for m in p.modes for s in run_seeds(params, m)]
+    if p.scale_synthetic or p.scale_real:
+        real, _, syn = _inputs(root, True)
+        for i, run in enumerate(scaling_runs(params, real, syn)):
+            out.append({"name": f"scaling-{i}", "wave": 1, "job": {"kind": "scaling", "index": i},
+                        "run": {k: run[k] for k in ("study", "x", "mode", "images", "seed")}})
+    return [u | {"file": "result.json", "publish": False} for u in out]
+
+
+def _training(params: Params, unit: dict, root: str | Path) -> tuple[str, int, list, dict, int]:
+    """(tag, seed, sources, tests, classes) of one unit's training."""
+    job = unit["job"]
     real, test, syn = _inputs(root, job["kind"] == "scaling" or job["mode"] != "real")
-    tests = {"test": test}
-    if params.cas.reconstructed_test:
-        tests["reconstructed"] = _reconstructed_cached(params, test, root)
     n_classes = len(real.class_names)
     if job["kind"] == "mode":
-        res = train_run(params, job["mode"], job["seed"], mode_sources(params, job["mode"], real, syn), tests,
-                        n_classes, root)
-        return job | {"result": res}
+        tests = {"test": test}
+        if params.cas.reconstructed_test:
+            tests["reconstructed"] = _reconstructed_cached(params, test, root)
+        return job["mode"], job["seed"], mode_sources(params, job["mode"], real, syn), tests, n_classes
     run = scaling_runs(params, real, syn)[job["index"]]
     data = syn if run["mode"] == "synthetic" else real
     sources = [(data.images[run["rows"]], data.labels[run["rows"]], 1.0)]  # only this run's images are copied
-    res = train_run(params, f"scale-{run['study']}-{run['x']}-{run['mode']}", run["seed"], sources,
-                    {"test": test}, n_classes, root)
-    return job | {k: run[k] for k in ("study", "x", "mode", "images", "seed")} | {"result": res}
+    return _scaling_tag(run), run["seed"], sources, {"test": test}, n_classes
 
 
-def _reconstructed_cached(params: Params, test: Split, root) -> Split:
-    from thinair.generator import generator_for, runtime_key
+def _scaling_tag(run: dict) -> str:
+    return f"scale-{run['study']}-{run['x']}-{run['mode']}"
 
+
+def key(params: Params, unit: dict, root: str | Path = ".") -> list:
+    """The training's content: so a scaling point equal to a mode run is the same unit, trained once."""
+    _, seed, sources, tests, _ = _training(params, unit, root)
+    return training_parts(params, seed, sources, tests)
+
+
+def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> None:
+    tag, seed, sources, tests, n_classes = _training(params, unit, root)
+    train_and_test(params, tag, seed, sources, tests, n_classes, out, Checkpoint(STAGE, unit["key"], root))
+
+
+def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
+    """Each training's result under this unit's tag (one cached training may serve two units), then the summary
+    files."""
+    runs = []
+    for r in records:
+        u = r["unit"]
+        tag = u["job"]["mode"] if u["job"]["kind"] == "mode" else _scaling_tag(u["run"])
+        result = io.read_json(Path(root) / r["file"]) | {"tag": tag}
+        runs.append(u["job"] | u.get("run", {}) | {"result": result})
+    return summarize(params, runs, root)
+
+
+def _reconstructed_cached(params: Params, test: LabelledImages, root) -> LabelledImages:
     b = params.base
-    gen, _ = generator_for(b)
-    key = content_key(STAGE, "reconstructed", source_hash(__name__), gen.identity, runtime_key(b), b.gen_resolution,
-                      params.encode.interpolation, test.images)
-    cache = ChunkCache(STAGE, root)
-    hit = cache.get(key, "test.npz")
-    if hit is None:
-        rec = reconstructed(params, test)
-        tmp = cache.dir / key / "test.npz.part"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        io.save_npz(tmp, images=rec.images)
-        hit = cache.put(key, "test.npz", tmp)
-    return Split(io.load_npz(hit)["images"], test.labels, test.class_names)
+    gen_model, _ = generator_for(b)
+    key = content_key(STAGE, "reconstructed", code_key(__name__), gen_model.identity, runtime_key(b),
+                      b.gen_resolution, params.encode.interpolation, test.images)
+    f = cached(STAGE, key, "test.npz", lambda out: io.save_npz(out, images=reconstructed(params, test).images), root,
+               "cas reconstructed test")
+    return LabelledImages(io.load_npz(f)["images"], test.labels, test.class_names)
 
 
 def _stats(values: list[float]) -> dict:
@@ -301,20 +259,3 @@ def tables(root: str | Path = ".") -> dict[str, tuple[str, list[dict]]]:
         if len(frame):
             result["cas-" + name.replace("_", "-")] = (f"CAS scaling study: {name}", frame.round(4).to_dict("records"))
     return result
-
-
-def job_key(params: Params, job: dict, root: str | Path = ".") -> str:
-    """One training's inputs: the code, the CAS params, the job, the real and synthetic images and (for the
-    reconstructed test) the generator."""
-    b = params.base
-    gen = [generator_identity(b), runtime_key(b), b.gen_resolution, params.encode.model_dump(mode="json")] \
-        if params.cas.reconstructed_test else None
-    return content_key(STAGE, source_hash(__name__), source_hash(classifier.__name__), source_hash("thinair.augment"),
-                       params.cas.model_dump(mode="json"), b.seed, job, gen, inputs_digest(root, "ingest", "sample"))
-
-
-@task(name="cas-train", **task_options(retries=1, delay=5, cache=("cas-train", job_key)))
-def cas_job_task(params: Params, job: dict, root: str = ".") -> dict:
-    set_threads(params.base)
-    with device_slot(params.base, root, f"cas {job.get('mode', 'scaling')} {job.get('seed', job.get('index'))}"):
-        return record(root, [], **run_job(params, job, root))

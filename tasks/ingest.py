@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 
-from thinair import datasets, faults, imagefolder, io, paths
-from thinair.caching import record
+from thinair import datasets, faults, io, paths
 from thinair.config import Params
-from thinair.orchestration import task_options
-from thinair.stage import chunk_ranges, content_key, files_under, source_hash
+from thinair.upstream import chunk_ranges
+
+STAGE = "ingest"
+USES_DEVICE = False
+RETRIES = (2, 5)
 
 
 def limit_per_class(labels: np.ndarray, per_class: int | None, total: int | None, seed: int) -> np.ndarray:
@@ -87,14 +88,19 @@ def source_fingerprint(dataset: str) -> list:
             for f in sorted(root.rglob("*")) if f.is_file()]
 
 
-def stage_key(params: Params, root: str | Path = ".") -> str:
+def units(params: Params, root: str | Path = ".") -> list[dict]:
+    """One unit: the whole dataset."""
+    return [{"name": "all"}]
+
+
+def key(params: Params, unit: dict, root: str | Path = ".") -> list:
     b = params.base
-    return content_key("ingest", source_hash(__name__), source_hash(datasets.__name__),
-                       source_hash(imagefolder.__name__), b.dataset, b.seed, params.ingest.model_dump(mode="json"),
-                       source_fingerprint(b.dataset))
+    return [b.dataset, b.seed, params.ingest.model_dump(mode="json"), source_fingerprint(b.dataset)]
 
 
-@task(name="ingest", **task_options(retries=2, delay=5, cache=("ingest", stage_key)))
-def ingest_task(params: Params, root: str = ".") -> dict:
-    manifest = ingest(params, root)
-    return record(root, files_under(paths.stage_dir("ingest", root)), manifest=manifest)
+def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> dict:
+    return ingest(params, root)
+
+
+def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
+    return records[0]["result"]

@@ -13,33 +13,26 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from prefect import task
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.devices import device_slot, set_threads, with_halving
-from thinair.caching import record
+from thinair.devices import with_halving
+from thinair.errors import NonFiniteLoss
 from thinair.generator import generator_for, generator_identity, runtime_key
-from thinair.orchestration import task_options
-from thinair.stage import ChunkCache, clean_dir, content_key, source_hash, publish, require, upstream_chunks
+from thinair.units import Checkpoint, clean_dir
+from thinair.upstream import require, upstream_chunks
 
 STAGE = "invert"
-log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(FloatingPointError):
-    """The inversion loss became NaN/inf: the chunk stops with its index and step."""
-
-
-def init_embeddings(n: int, tokens: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+def init_embeddings(n: int, tokens: int, dim: int, rng: torch.Generator) -> torch.Tensor:
     bound = 1.0 / math.sqrt(n)
-    return (torch.rand(n, tokens, dim, generator=gen) * 2 - 1) * bound  # (n, T, D)
+    return (torch.rand(n, tokens, dim, generator=rng) * 2 - 1) * bound  # (n, T, D)
 
 
 def denoising_loss(unet, noisy, noise, t, ctx) -> torch.Tensor:
@@ -58,7 +51,7 @@ def embedding_grads(unet, noisy, noise, t, ctx) -> torch.Tensor:
     return ctx.grad
 
 
-def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, gen: torch.Generator, chunk: int,
+def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, rng: torch.Generator, chunk: int,
                 state: dict | None = None, on_checkpoint=None, device="cpu"):
     """Optimise embeddings for the latents of one chunk.
 
@@ -68,27 +61,28 @@ def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, gen: torch.G
         on_checkpoint: called as ``on_checkpoint(step, state)`` every ``p.checkpoint_every`` steps.
     Returns:
         (final embeddings (n, T, D), {step: embeddings} checkpoints, losses [(step, loss)]).
+        rng: the torch.Generator every draw comes from (its state is part of the checkpoint).
     """
     n = len(mean)
     dim = unet.config.cross_attention_dim
-    emb = torch.nn.Parameter(init_embeddings(n, p.num_tokens, dim, gen).to(device))
+    emb = torch.nn.Parameter(init_embeddings(n, p.num_tokens, dim, rng).to(device))
     opt = torch.optim.AdamW([emb], lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
     ckpts, losses, start = {}, [], 0
     if state is not None:
         emb.data.copy_(state["embeddings"].to(device))
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["rng"])
+        rng.set_state(state["rng"])
         ckpts = {int(k): v for k, v in state["ckpts"].items()}
         losses, start = json.loads(state["losses"]), int(state["step"])
     mean, std = mean.to(device), torch.exp(0.5 * logvar).to(device)
     batch = min(p.batch_size, n)
     micro = batch  # halved on out-of-memory: the same step as micro-batches with accumulated gradients
     for step in range(start + 1, p.steps + 1):
-        idx = torch.randperm(n, generator=gen)[:batch]
-        eps_z = torch.randn(mean[idx].shape, generator=gen).to(device)
+        idx = torch.randperm(n, generator=rng)[:batch]
+        eps_z = torch.randn(mean[idx].shape, generator=rng).to(device)
         z0 = (mean[idx] + std[idx] * eps_z) * scaling  # posterior re-sampled every step, (B, 4, h, w)
-        noise = torch.randn(z0.shape, generator=gen).to(device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        noise = torch.randn(z0.shape, generator=rng).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=rng).to(device)
         noisy = noise_sched.add_noise(z0, noise, t)
 
         def step_loss(m: int) -> float:
@@ -114,82 +108,57 @@ def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, gen: torch.G
             ckpts[step] = emb.detach().cpu().clone()
             if on_checkpoint is not None and step < p.steps:
                 on_checkpoint(step, {"embeddings": emb.detach().cpu().clone(), "opt": copy.deepcopy(opt.state_dict()),
-                                     "rng": gen.get_state(), "ckpts": {str(k): v for k, v in ckpts.items()},
+                                     "rng": rng.get_state(), "ckpts": {str(k): v for k, v in ckpts.items()},
                                      "losses": json.dumps(losses), "step": step})
     return emb.detach().cpu(), ckpts, losses
 
 
-def chunk_key(params: Params, chunk: int, root: str | Path = ".") -> str:
-    """Everything that determines one chunk's embeddings: code, generator, params, seed and its latents."""
-    b, p = params.base, params.invert
-    enc_file = require(paths.stage_dir("encode", root) / paths.chunk_name("train", chunk, "safetensors"), "encode")
-    return content_key(STAGE, source_hash(__name__), generator_identity(b), runtime_key(b), p.model_dump(mode="json"),
-                       b.seed, chunk, enc_file)
+def units(params: Params, root: str | Path = ".") -> list[dict]:
+    """One unit per chunk of encoded latents."""
+    return [{"name": f"chunk-{i:03d}", "chunk": i, "file": paths.chunk_name("train", i, "safetensors")}
+            for i in range(len(upstream_chunks("encode", root)))]
 
 
-def invert_chunk(params: Params, chunk: int, root: str | Path = ".", device=None) -> dict:
-    """Invert one chunk (or take it from the chunk cache); publish it to ``data/invert``."""
+def key(params: Params, unit: dict, root: str | Path = ".") -> list:
+    """Everything that determines one chunk's embeddings besides code: generator, params, seed and its latents."""
+    b = params.base
+    enc_file = require(paths.stage_dir("encode", root) / unit["file"], "encode")
+    return [generator_identity(b), runtime_key(b), params.invert.model_dump(mode="json"), b.seed, unit["chunk"],
+            enc_file]
+
+
+def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> None:
+    """Invert one chunk into `out`, checkpointing every ``invert.checkpoint_every`` steps (resumed after a kill)."""
     from diffusers import DDPMScheduler
 
-    b, p = params.base, params.invert
-    name = paths.chunk_name("train", chunk, "safetensors")
-    enc_file = require(paths.stage_dir("encode", root) / name, "encode")
-    key = chunk_key(params, chunk, root)
-    cache = ChunkCache(STAGE, root)
-    hit = cache.get(key, name)
-    if hit is None:
-        gen_model, device = generator_for(b, chunk, device)
-        enc = io.load_tensors(enc_file)
-        work = paths.work_dir(STAGE, root) / f"{key}.pt"
-        state = torch.load(work, weights_only=True) if work.is_file() else None  # our own checkpoint
-        if state is not None:
-            log.info("invert chunk %d: resuming from step %d", chunk, int(state["step"]))
-
-        def save_state(step, st):
-            with io.atomic_path(work) as tmp:
-                torch.save(st, tmp)
-
-        gen = torch.Generator().manual_seed(io.seed_for(b.seed, STAGE, chunk))
-        noise_sched = DDPMScheduler.from_config(gen_model.scheduler_config)
-        emb, ckpts, losses = invert_loop(gen_model.unet, noise_sched, enc["mean"], enc["logvar"],
-                                         gen_model.scaling_factor, p, gen, chunk, state, save_state, device)
-        tensors = {"embeddings": emb, "labels": enc["labels"], "index": enc["index"]}
-        tensors |= {f"step_{k}": v for k, v in sorted(ckpts.items())}
-        tmp = cache.dir / key / (name + ".part")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        io.save_tensors(tmp, tensors, metadata={"losses": losses, "generator": gen_model.identity})
-        hit = cache.put(key, name, tmp)
-        work.unlink(missing_ok=True)
-    else:
-        log.info("%s chunk %d: reused from cache %s (not recomputed)", STAGE, chunk, key)
-    out = paths.stage_dir(STAGE, root) / name
-    publish(hit, out)
-    return record(root, [out], file=name, key=key)
+    b, p, chunk = params.base, params.invert, unit["chunk"]
+    gen_model, device = generator_for(b, chunk, device)
+    enc = io.load_tensors(require(paths.stage_dir("encode", root) / unit["file"], "encode"))
+    work = Checkpoint(STAGE, unit["key"], root)
+    rng = torch.Generator().manual_seed(io.seed_for(b.seed, STAGE, chunk))
+    noise_sched = DDPMScheduler.from_config(gen_model.scheduler_config)
+    emb, ckpts, losses = invert_loop(gen_model.unet, noise_sched, enc["mean"], enc["logvar"],
+                                     gen_model.scaling_factor, p, rng, chunk, work.load(f"invert chunk {chunk}"),
+                                     lambda step, state: work.save(state), device)
+    tensors = {"embeddings": emb, "labels": enc["labels"], "index": enc["index"]}
+    tensors |= {f"step_{k}": v for k, v in sorted(ckpts.items())}
+    io.save_tensors(out, tensors, metadata={"losses": losses, "generator": gen_model.identity})
+    work.clear()
 
 
-def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dict:
+def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
     """Write the loss summary and the manifest; drop stale chunk files."""
     out = paths.stage_dir(STAGE, root)
-    curves = {r["file"]: io.load_metadata(out / r["file"])["losses"] for r in records}
+    files = [r["unit"]["file"] for r in records]
+    curves = {f: io.load_metadata(out / f)["losses"] for f in files}
     window = max(1, params.invert.steps // 20)
     summary = {f: {"first": sum(l for _, l in c[:window]) / len(c[:window]),
                    "last": sum(l for _, l in c[-window:]) / len(c[-window:])} for f, c in curves.items()}
     io.write_json(out / "losses.json", {"window": window, "chunks": summary, "curves": curves})
-    manifest = {"chunks": [r["file"] for r in records], "steps": params.invert.steps,
+    manifest = {"chunks": files, "steps": params.invert.steps,
                 "checkpoints": sorted({s for c in curves.values() for s, _ in c
                                        if s % params.invert.checkpoint_every == 0 or s == params.invert.steps}),
                 "num_tokens": params.invert.num_tokens}
-    clean_dir(out, {r["file"] for r in records} | {io.MANIFEST, "losses.json"})
+    clean_dir(out, set(files) | {io.MANIFEST, "losses.json"})
     io.write_json(out / io.MANIFEST, manifest)
     return manifest
-
-
-def chunk_count(root: str | Path = ".") -> int:
-    return len(upstream_chunks("encode", root))
-
-
-@task(name="invert-chunk", **task_options(retries=2, delay=10, cache=("invert-chunk", chunk_key)))
-def invert_chunk_task(params: Params, chunk: int, root: str = ".") -> dict:
-    set_threads(params.base)
-    with device_slot(params.base, root, f"invert chunk {chunk}") as device:
-        return invert_chunk(params, chunk, root, device)

@@ -14,15 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from prefect import task
 
 from thinair import classifier, features, io, paths
 from thinair.config import Params
-from thinair.orchestration import task_options
-from thinair.caching import record
-from thinair.devices import current_device, device_slot
+from thinair.devices import current_device
 from thinair.quality import METRIC_KEYS, all_metrics, per_class
-from thinair.stage import ChunkCache, content_key, inputs_digest, read_split, read_synthetic, source_hash
+from thinair.units import cached, code_key, content_key
+from thinair.upstream import inputs_digest, read_split, read_synthetic
 
 STAGE = "metrics"
 
@@ -35,22 +33,16 @@ def domain_feature_net(params: Params, train, root: str | Path = "."):
     h, _, c = train.images.shape[1:]
     seed = io.seed_for(params.base.seed, STAGE)
     net = classifier.build("smallcnn", c, len(train.class_names), h, seed)
-    key = content_key(STAGE, source_hash(__name__), source_hash(classifier.__name__), "domain", p.feature_epochs,
-                      params.base.seed, train.images,
+    key = content_key(STAGE, code_key(__name__), "domain", p.feature_epochs, params.base.seed, train.images,
                       train.labels)
-    cache = ChunkCache(STAGE, root)
-    hit = cache.get(key, "feature_net.safetensors")
-    if hit is not None:
-        net.load_state_dict(load_file(str(hit)))
-        return net.eval()
-    classifier.train(net, [(classifier.to_tensor(train.images), torch.from_numpy(train.labels), 1.0)],
-                     epochs=p.feature_epochs, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
-                     weight_decay=5e-4, warmup_epochs=1, padding=1, flip=False,
-                     seed=seed)
-    tmp = cache.dir / key / "feature_net.safetensors.part"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    save_file(net.state_dict(), str(tmp))
-    cache.put(key, "feature_net.safetensors", tmp)
+
+    def fit(out: Path) -> None:
+        classifier.train(net, [(classifier.to_tensor(train.images), torch.from_numpy(train.labels), 1.0)],
+                         epochs=p.feature_epochs, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
+                         weight_decay=5e-4, warmup_epochs=1, padding=1, flip=False, seed=seed)
+        save_file(net.state_dict(), str(out))
+
+    net.load_state_dict(load_file(str(cached(STAGE, key, "feature_net.safetensors", fit, root, "metrics feature net"))))
     return net.eval()
 
 
@@ -60,6 +52,7 @@ def subsample_rows(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 
 def metrics(params: Params, root: str | Path = ".") -> dict:
+    """Compute every metric and write data/metrics/metrics.json; returns its content."""
     p, seed = params.metrics, params.base.seed
     features.check_available(p.features, p.clip_model)  # fail before any work
     train, test = read_split("train", root), read_split("test", root)
@@ -111,15 +104,23 @@ def tables(result: dict) -> dict[str, tuple[str, list[dict]]]:
     return out
 
 
-def stage_key(params: Params, root: str | Path = ".") -> str:
-    """The code, params and every input file (real and synthetic images) the metrics depend on."""
-    return content_key(STAGE, source_hash(__name__), source_hash(classifier.__name__), source_hash(features.__name__),
-                       source_hash("thinair.quality"), params.metrics.model_dump(mode="json"), params.base.seed,
-                       inputs_digest(root, "ingest", "sample"))
+SET_THREADS = False  # the metrics keep the process's torch threads
+RETRIES = (1, 5)
 
 
-@task(name="metrics", **task_options(retries=1, delay=5, cache=("metrics", stage_key)))
-def metrics_task(params: Params, root: str = ".") -> dict:
-    with device_slot(params.base, root, "metrics"):
-        result = metrics(params, root)
-    return record(root, [paths.stage_dir(STAGE, root) / "metrics.json"], result=result)
+def units(params: Params, root: str | Path = ".") -> list[dict]:
+    """One unit: the whole stage."""
+    return [{"name": "all"}]
+
+
+def key(params: Params, unit: dict, root: str | Path = ".") -> list:
+    """The params and every input file (real and synthetic images) the metrics depend on."""
+    return [params.metrics.model_dump(mode="json"), params.base.seed, inputs_digest(root, "ingest", "sample")]
+
+
+def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> dict:
+    return metrics(params, root)
+
+
+def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
+    return records[0]["result"]

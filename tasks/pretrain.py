@@ -23,7 +23,8 @@ from prefect import task
 from thinair import faults, io, paths
 from thinair.config import Params
 from thinair.generator import build_unet, build_vae, sd_scheduler_config, save_generator
-from thinair.images import to_model
+from thinair.diffusion import denoise
+from thinair.images import png_bytes, tile, to_model, to_uint8
 from thinair.immiscible import immiscible_noise
 from thinair.orchestration import task_options
 from thinair import datasets
@@ -132,8 +133,6 @@ def class_samples(unet, vae, tokens: torch.Tensor, per_class: int, resolution: i
     """Class-conditional samples (classes x per_class, 3, R, R) in [-1, 1], guided against the null context."""
     from diffusers import DDIMScheduler
 
-    from thinair.tasks.sample import denoise
-
     cond = tokens[:-1].repeat_interleave(per_class, 0)  # (C*k, T, D)
     uncond = tokens[-1:].expand_as(cond)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -196,9 +195,6 @@ def pretrain(params: Params, root: str | Path = ".") -> dict:
     io.save_tensors(tmp / "class_tokens.safetensors", {"tokens": tokens},
                     metadata={"class_names": train.class_names, "null_index": len(train.class_names)})
     io.write_json(tmp / "train_log.json", train_log)
-    from thinair.images import to_uint8
-    from thinair.tasks.report import png_bytes, tile
-
     grid = to_uint8(class_samples(unet, vae, tokens, 10, p.resolution), p.resolution, 3)
     io.write_bytes(tmp / "samples.png", png_bytes(tile(grid, 10, 2)))  # one row per class
     # swap: a kill leaves the new generator, or the old one (as .old until the next run puts it back)

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io as _io
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 
 from thinair import io, paths
-from thinair.caching import record
 from thinair.config import Params
-from thinair.orchestration import task_options
-from thinair.stage import content_key, files_under, inputs_digest, read_split, read_synthetic, require, source_hash
+from thinair.images import png_bytes, tile
+from thinair.upstream import inputs_digest, read_split, read_synthetic, require
 
 STAGE = "report"
 SWEEP = Path("benchmarks") / "steps_sweep.json"
@@ -30,20 +27,6 @@ PAPER_CAS = {  # ResNet-18 test accuracy (%), "Training on Thin Air" Table: real
     "cifar10": (95.1, 94.6, 95.2), "cifar100": (77.9, 74.4, 78.0), "stl10": (83.3, 89.0, 90.0),
     "imagenette": (93.8, 95.4, 95.0), "pathmnist": (89.6, 82.1, 92.1), "dermamnist": (67.5, 67.5, 66.3),
     "bloodmnist": (96.4, 93.7, 95.7)}
-
-
-def tile(images: np.ndarray, cols: int, upscale: int, pad: int = 1) -> np.ndarray:
-    """uint8 (N, H, W, C) -> one uint8 (rows*(H+pad), cols*(W+pad), 3) mosaic, upscaled by pixel repeat."""
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
-    images = images.repeat(upscale, 1).repeat(upscale, 2)
-    n, h, w, _ = images.shape
-    rows = max(1, -(-n // cols))
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
-    return canvas
 
 
 def class_grid(real, real_y, syn, syn_y, n_classes: int, per_class: int, upscale: int, seed: int) -> np.ndarray:
@@ -62,14 +45,6 @@ def class_grid(real, real_y, syn, syn_y, n_classes: int, per_class: int, upscale
         gap = np.full((1,) + real.shape[1:], 255, np.uint8)
         rows.append(np.concatenate([picks[0], gap, picks[1]]))
     return tile(np.concatenate(rows), 2 * per_class + 1, upscale)
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = _io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -180,15 +155,25 @@ sampler {html.escape(sp['scheduler'])}, {sp['steps']} steps, guidance {sp['guida
     return out / "index.html"
 
 
-def stage_key(params: Params, root: str | Path = ".") -> str:
-    """The code, every param and every input the report shows."""
+USES_DEVICE = False
+RETRIES = (1, 5)
+
+
+def units(params: Params, root: str | Path = ".") -> list[dict]:
+    """One unit: the page."""
+    return [{"name": "page"}]
+
+
+def key(params: Params, unit: dict, root: str | Path = ".") -> list:
+    """Every param and every input the report shows."""
     extras = [Path(root) / f for f in (SWEEP, METHODS)]
-    return content_key(STAGE, source_hash(__name__), params.model_dump(mode="json"),
-                       inputs_digest(root, "ingest", "invert", "sample", "metrics", "cas"),
-                       [io.file_sha256(f) if f.is_file() else None for f in extras])
+    return [params.model_dump(mode="json"), inputs_digest(root, "ingest", "invert", "sample", "metrics", "cas"),
+            [io.file_sha256(f) if f.is_file() else None for f in extras]]
 
 
-@task(name="report", **task_options(retries=1, delay=5, cache=("report", stage_key)))
-def report_task(params: Params, root: str = ".") -> dict:
-    page = report(params, root)
-    return record(root, files_under(page.parent), page=str(page))
+def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> str:
+    return str(report(params, root))
+
+
+def finish(params: Params, records: list[dict], root: str | Path = ".") -> str:
+    return records[0]["result"]

@@ -10,30 +10,27 @@ Writes ``data/sample/train-NNNNN.npz`` (``images`` uint8 (M, H, W, C), ``labels`
 ``partner_index``, ``checkpoint`` (-1 = final), ``guidance``, ``seed``), ``data/sample/provenance.csv``
 (one row per image: file, row, source, partner, alpha, lambda, guidance, checkpoint, scheduler, steps,
 seed) and ``data/sample/manifest.json`` (last). ``sample.method: prompts`` (text prompts through the generator's
-text encoder, txt2img or img2img, optional CLIP-score filter) lives in thinair/promptgen.py; it adds ``prompt`` (and
+text encoder, txt2img or img2img, optional CLIP-score filter) lives in thinair/prompt_sampling.py; it adds ``prompt`` (and
 ``clip_score`` / ``dropped_*``) arrays, provenance columns and ``clip_dropped.csv``.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from prefect import task
 
-from thinair import io, paths, promptgen
+from thinair import io, paths, prompt_sampling
 from thinair.config import Params
-from thinair.caching import record
-from thinair.devices import device_slot, set_threads, with_halving
+from thinair.devices import with_halving
+from thinair.diffusion import denoise
 from thinair.generator import generator_for, generator_identity, runtime_key
 from thinair.images import to_uint8
-from thinair.orchestration import task_options
-from thinair.stage import (ChunkCache, clean_dir, content_key, inputs_digest, publish, require, source_hash,
-                           upstream_chunks)
+from thinair.steering import class_contexts, method_inputs, unet_for
+from thinair.units import clean_dir
+from thinair.upstream import require, upstream_chunks
 
 STAGE = "sample"
-log = logging.getLogger(__name__)
 
 
 def ckpt_key(c) -> str:
@@ -74,11 +71,11 @@ def plan_variants(labels: np.ndarray, rows: np.ndarray, p, seed: int, chunk: int
     return plan
 
 
-def perturbed_context(bank: dict, rec: dict, p, gen: torch.Generator) -> torch.Tensor:
+def perturbed_context(bank: dict, rec: dict, p, rng: torch.Generator) -> torch.Tensor:
     c = bank[rec["ckpt"]][rec["row"]]  # (T, D)
     if rec["partner"] >= 0:
         c = (1 - p.interpolation) * c + p.interpolation * bank[rec["ckpt"]][rec["partner"]]
-    return c + p.noise * torch.randn(c.shape, generator=gen)
+    return c + p.noise * torch.randn(c.shape, generator=rng)
 
 
 def mean_embeddings(emb: torch.Tensor, labels: torch.Tensor, chunks: torch.Tensor, scope: str) -> torch.Tensor:
@@ -93,43 +90,6 @@ def mean_embeddings(emb: torch.Tensor, labels: torch.Tensor, chunks: torch.Tenso
     return out
 
 
-def class_contexts(params: Params, bank: dict, root: str | Path = "."):
-    """For the class-conditional methods: replace every bank row's embedding by its class's context (the
-    `classenc` stage's encoder, or the generator's class tokens) and return the sample params without
-    perturbation (interpolation and noise 0) plus the unconditional contexts (the learned null context)."""
-    p = params.sample
-    if p.method == "class_encoder":
-        from thinair.classenc import load_encoder
-
-        f = require(paths.stage_dir("classenc", root) / "encoder.safetensors", "classenc")
-        enc = load_encoder(f)
-        with torch.no_grad():
-            table, null = enc.encode(torch.arange(enc.num_classes)), enc.encode(torch.tensor([-1]))[0]
-    else:
-        f = class_tokens_file(params.base)
-        tokens = io.load_tensors(f)["tokens"]  # (C + 1, T, D), the last row is the null context
-        table, null = tokens[:-1], tokens[-1]
-    if int(bank["labels"].max()) >= len(table):
-        raise ValueError(f"{f} has contexts for {len(table)} classes but the dataset has labels up to "
-                         f"{int(bank['labels'].max())}; re-run `thinair classenc` (or use sample.method: inversion)")
-    for c in p.checkpoints:
-        bank[c] = table[bank["labels"]]
-    unconds = {c: null.expand_as(bank[c]) for c in p.checkpoints}
-    return p.model_copy(update={"interpolation": 0.0, "noise": 0.0}), unconds
-
-
-def class_tokens_file(base) -> Path:
-    from thinair.generator import GeneratorUnavailable
-
-    f = Path(base.generator).expanduser() / "class_tokens.safetensors"
-    if not f.is_file():
-        raise GeneratorUnavailable(
-            f"sample.method: class_tokens needs the generator's class tokens ({f} is missing): only a generator "
-            "trained class-conditionally by `thinair pretrain` has them. With Stable Diffusion use sample.method: "
-            "class_encoder (a trained class encoder) or inversion.")
-    return f
-
-
 def unconditional(emb: torch.Tensor, bank: dict, scope: str, base) -> torch.Tensor:
     """Unconditional context per bank row: (N, T, D), or (N, 77, D) for the empty-prompt ablation."""
     if scope == "empty_prompt":
@@ -139,131 +99,82 @@ def unconditional(emb: torch.Tensor, bank: dict, scope: str, base) -> torch.Tens
     return mean_embeddings(emb, bank["labels"], bank["chunk"], scope)
 
 
-@torch.no_grad()
-def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int, batched: bool = True, init=None,
-            strength: float = 1.0):
-    """Classifier-free guidance sampling; cond/uncond (B, T, D), guidance (B,). Returns x0 latents.
-
-    ``batched``: one UNet call on the stacked uncond/cond batch (needs equal token counts) instead of two.
-    ``init`` (B, 4, h, w): img2img from these latents noised to ``strength`` (`latents` is then the noise).
-    """
-    if init is None:
-        scheduler.set_timesteps(steps, device=latents.device)
-        lat, timesteps = latents * scheduler.init_noise_sigma, scheduler.timesteps
-    else:
-        lat, timesteps = promptgen.img2img_start(scheduler, steps, strength, init, latents)
-    one_call = batched and uncond.shape[1] == cond.shape[1]
-    ctx = torch.cat([uncond, cond]).to(unet.dtype) if one_call else None
-    w = guidance.view(-1, 1, 1, 1).to(lat)
-    for t in timesteps:
-        if one_call:
-            inp = scheduler.scale_model_input(torch.cat([lat, lat]), t).to(unet.dtype)
-            eps_u, eps_c = unet(inp, t, encoder_hidden_states=ctx).sample.float().chunk(2)
-        else:
-            inp = scheduler.scale_model_input(lat, t).to(unet.dtype)
-            eps_u = unet(inp, t, encoder_hidden_states=uncond.to(unet.dtype)).sample.float()
-            eps_c = unet(inp, t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
-        lat = scheduler.step(eps_u + w * (eps_c - eps_u), t, lat).prev_sample
-    return lat
+def units(params: Params, root: str | Path = ".") -> list[dict]:
+    """One unit per chunk of learned embeddings."""
+    return [{"name": f"chunk-{i:03d}", "chunk": i, "file": paths.chunk_name("train", i, "npz")}
+            for i in range(len(upstream_chunks("invert", root)))]
 
 
-def chunk_key(params: Params, chunk: int, root: str | Path = ".") -> str:
-    """Everything that determines one chunk's images: code, generator, params, seed, its embeddings and the whole
-    embedding bank (interpolation partners and the mean embedding come from every chunk)."""
+def key(params: Params, unit: dict, root: str | Path = ".") -> list:
+    """Everything that determines one chunk's images besides code: generator, params, seed, its embeddings and the
+    whole embedding bank (interpolation partners and the mean embedding come from every chunk)."""
     b, p = params.base, params.sample
     inv_dir = paths.stage_dir("invert", root)
-    inv_file = require(inv_dir / paths.chunk_name("train", chunk, "safetensors"), "invert")
+    inv_file = require(inv_dir / paths.chunk_name("train", unit["chunk"], "safetensors"), "invert")
     h, _, channels = io.read_json(require(paths.stage_dir("ingest", root) / io.MANIFEST, "ingest"))["image_shape"]
     bank = [io.file_sha256_memo(inv_dir / f) for f in upstream_chunks("invert", root)]
-    return content_key(STAGE, source_hash(__name__), generator_identity(b), runtime_key(b), p.model_dump(mode="json"),
-                       b.seed, chunk, b.save_resolution or h, channels, b.gen_resolution, inv_file, bank,
-                       *method_inputs(params, root))
+    return [generator_identity(b), runtime_key(b), p.model_dump(mode="json"), b.seed, unit["chunk"],
+            b.save_resolution or h, channels, b.gen_resolution, inv_file, bank, *method_inputs(params, root)]
 
 
-def method_inputs(params: Params, root: str | Path = ".") -> list:
-    """What the steering method reads besides the embedding bank (checked here, so bad inputs fail at once)."""
-    method = params.sample.method
-    if method == "class_encoder":
-        return [source_hash("thinair.classenc"), inputs_digest(root, "classenc")]
-    if method == "class_tokens":
-        return [io.file_sha256_memo(class_tokens_file(params.base))]
-    if method == "prompts":
-        return [source_hash("thinair.promptgen"), *promptgen.key_parts(params, root)]
-    return []
-
-
-def sample_chunk(params: Params, chunk: int, root: str | Path = ".", device=None) -> dict:
-    b, p = params.base, params.sample
-    name = paths.chunk_name("train", chunk, "npz")
+def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> None:
+    """Generate every variant of one chunk's embeddings into `out` (npz)."""
+    b, p, chunk = params.base, params.sample, unit["chunk"]
     ingest_manifest = io.read_json(require(paths.stage_dir("ingest", root) / io.MANIFEST, "ingest"))
     h, _, channels = ingest_manifest["image_shape"]
     save_res = b.save_resolution or h
-    key = chunk_key(params, chunk, root)
-    cache = ChunkCache(STAGE, root)
-    hit = cache.get(key, name)
-    if hit is None:
-        bank = load_bank(root, p.checkpoints)
-        gen_model, device = generator_for(b, chunk, device)
-        unet = gen_model.unet
-        width = bank[p.checkpoints[0]].shape[-1]
-        if p.method == "inversion" and width != gen_model.cross_attention_dim:
-            raise ValueError(f"data/invert holds {width}-wide embeddings but base.generator={b.generator!r} has "
-                             f"cross_attention_dim {gen_model.cross_attention_dim}: they were learned with another "
-                             "generator. Re-run `thinair encode` and `thinair invert` (or `dvc repro`) with this one.")
-        rows = torch.nonzero(bank["chunk"] == chunk).flatten().numpy()
-        pg = None  # the prompt sampler of method prompts (thinair/promptgen.py)
-        if p.method == "inversion":
-            unconds = {c: unconditional(bank[c], bank, p.uncond, b) for c in p.checkpoints}
-        elif p.method == "prompts":  # every row's context is a text prompt of its class, no perturbation
-            pg, p = promptgen.prepare(params, bank, rows, gen_model, root, device)
-        else:  # class-conditional: every row's context is its class's, no perturbation
-            p, unconds = class_contexts(params, bank, root)
-            if params.sample.method == "class_encoder":
-                from thinair.tasks.classenc import unet_for
+    bank = load_bank(root, p.checkpoints)
+    gen_model, device = generator_for(b, chunk, device)
+    unet = gen_model.unet
+    width = bank[p.checkpoints[0]].shape[-1]
+    if p.method == "inversion" and width != gen_model.cross_attention_dim:
+        raise ValueError(f"data/invert holds {width}-wide embeddings but base.generator={b.generator!r} has "
+                         f"cross_attention_dim {gen_model.cross_attention_dim}: they were learned with another "
+                         "generator. Re-run `thinair encode` and `thinair invert` (or `dvc repro`) with this one.")
+    rows = torch.nonzero(bank["chunk"] == chunk).flatten().numpy()
+    pg = None  # the prompt sampler of method prompts (thinair/prompt_sampling.py)
+    if p.method == "inversion":
+        unconds = {c: unconditional(bank[c], bank, p.uncond, b) for c in p.checkpoints}
+    elif p.method == "prompts":  # every row's context is a text prompt of its class, no perturbation
+        pg, p = prompt_sampling.prepare(params, bank, rows, gen_model, root, device)
+    else:  # class-conditional: every row's context is its class's, no perturbation
+        p, unconds = class_contexts(params, bank, root)
+        if params.sample.method == "class_encoder":
+            unet = unet_for(gen_model, params, root)
+    labels = bank["labels"].numpy()
+    plan = plan_variants(labels, rows, p, b.seed, chunk)
+    if pg:
+        pg.pick(plan, labels)
+    latent = b.gen_resolution // gen_model.vae_factor
 
-                unet = unet_for(gen_model, params, root)
-        labels = bank["labels"].numpy()
-        plan = plan_variants(labels, rows, p, b.seed, chunk)
-        if pg:
-            pg.pick(plan, labels)
-        latent = b.gen_resolution // gen_model.vae_factor
+    def generate(batch_size: int) -> list[np.ndarray]:
+        images = []
+        for s in range(0, len(plan), batch_size):
+            recs = plan[s:s + batch_size]
+            rngs = [torch.Generator().manual_seed(r["seed"]) for r in recs]
+            cond = pg.cond(recs) if pg else torch.stack([perturbed_context(bank, r, p, rng)
+                                                         for r, rng in zip(recs, rngs)])
+            lat0 = torch.stack([torch.randn(4, latent, latent, generator=rng) for rng in rngs])  # (B, 4, h, w)
+            uncond = pg.uncond(recs) if pg else torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
+            w = torch.tensor([r["w"] for r in recs])
+            lat = denoise(unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
+                          uncond.to(device), w.to(device), p.steps, p.batched_guidance,
+                          pg.init(recs) if pg else None, p.strength)
+            with torch.no_grad():
+                x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
+            images.append(to_uint8(x, save_res, channels))
+        return images
 
-        def generate(batch_size: int) -> list[np.ndarray]:
-            images = []
-            for s in range(0, len(plan), batch_size):
-                recs = plan[s:s + batch_size]
-                gens = [torch.Generator().manual_seed(r["seed"]) for r in recs]
-                cond = pg.cond(recs) if pg else torch.stack([perturbed_context(bank, r, p, g)
-                                                             for r, g in zip(recs, gens)])
-                lat0 = torch.stack([torch.randn(4, latent, latent, generator=g) for g in gens])  # (B, 4, h, w)
-                uncond = pg.uncond(recs) if pg else torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
-                w = torch.tensor([r["w"] for r in recs])
-                lat = denoise(unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
-                              uncond.to(device), w.to(device), p.steps, p.batched_guidance,
-                              pg.init(recs) if pg else None, p.strength)
-                with torch.no_grad():
-                    x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
-                images.append(to_uint8(x, save_res, channels))
-            return images
-
-        images = with_halving(p.batch_size, generate, f"sample chunk {chunk}")
-        tmp = cache.dir / key / (name + ".part")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        ckpt_ids = {c: (-1 if c == "final" else int(c)) for c in p.checkpoints}
-        arrays = dict(images=np.concatenate(images), labels=labels[[r["row"] for r in plan]],
-                      source_index=bank["index"].numpy()[[r["row"] for r in plan]],
-                      partner_index=np.asarray([bank["index"][r["partner"]].item() if r["partner"] >= 0 else -1
-                                                for r in plan], np.int64),
-                      checkpoint=np.asarray([ckpt_ids[r["ckpt"]] for r in plan], np.int64),
-                      guidance=np.asarray([r["w"] for r in plan], np.float32),
-                      seed=np.asarray([r["seed"] for r in plan], np.int64))
-        io.save_npz(tmp, **(pg.finish(arrays, plan) if pg else arrays))
-        hit = cache.put(key, name, tmp)
-    else:
-        log.info("%s chunk %d: reused from cache %s (not recomputed)", STAGE, chunk, key)
-    out = paths.stage_dir(STAGE, root) / name
-    publish(hit, out)
-    return record(root, [out], file=name, key=key)
+    images = with_halving(p.batch_size, generate, f"sample chunk {chunk}")
+    ckpt_ids = {c: (-1 if c == "final" else int(c)) for c in p.checkpoints}
+    arrays = dict(images=np.concatenate(images), labels=labels[[r["row"] for r in plan]],
+                  source_index=bank["index"].numpy()[[r["row"] for r in plan]],
+                  partner_index=np.asarray([bank["index"][r["partner"]].item() if r["partner"] >= 0 else -1
+                                            for r in plan], np.int64),
+                  checkpoint=np.asarray([ckpt_ids[r["ckpt"]] for r in plan], np.int64),
+                  guidance=np.asarray([r["w"] for r in plan], np.float32),
+                  seed=np.asarray([r["seed"] for r in plan], np.int64))
+    io.save_npz(out, **(pg.finish(arrays, plan) if pg else arrays))
 
 
 PROVENANCE = "provenance.csv"
@@ -288,14 +199,14 @@ def provenance(params: Params, files: list[str], root: str | Path = "."):
     return pd.concat(frames, ignore_index=True)
 
 
-def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dict:
+def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
     out = paths.stage_dir(STAGE, root)
-    files = [r["file"] for r in records]
+    files = [r["unit"]["file"] for r in records]
     table = provenance(params, files, root)
     with io.atomic_path(out / PROVENANCE) as tmp:
         table.to_csv(tmp, index=False)
     counts = table.groupby("file", sort=False).size().to_dict()
-    clip, written = promptgen.filter_summary(params, out, files)  # the CLIP filter's counts (method prompts)
+    clip, written = prompt_sampling.filter_summary(params, out, files)  # the CLIP filter's counts (method prompts)
     manifest = {"chunks": files, "counts": {f: int(counts.get(f, 0)) for f in files}, "total": int(len(table)),
                 "variants_per_embedding": len(params.sample.checkpoints) * len(params.sample.guidance_scales)
                 * params.sample.samples_per_setting, "params": params.sample.model_dump(mode="json"),
@@ -303,14 +214,3 @@ def finalize(params: Params, records: list[dict], root: str | Path = ".") -> dic
     clean_dir(out, set(files) | {io.MANIFEST, PROVENANCE} | written)
     io.write_json(out / io.MANIFEST, manifest)
     return manifest
-
-
-def chunk_count(root: str | Path = ".") -> int:
-    return len(upstream_chunks("invert", root))
-
-
-@task(name="sample-chunk", **task_options(retries=2, delay=10, cache=("sample-chunk", chunk_key)))
-def sample_chunk_task(params: Params, chunk: int, root: str = ".") -> dict:
-    set_threads(params.base)
-    with device_slot(params.base, root, f"sample chunk {chunk}") as device:
-        return sample_chunk(params, chunk, root, device)

@@ -1,6 +1,6 @@
 """`search`: guided hyper-parameter search over the sampler (seed 002, done right), scored on a validation split.
 
-Each Optuna TPE trial (thinair/search.py) draws values for the ``search.space`` keys (sampler checkpoint, steps,
+Each Optuna TPE trial (thinair/study.py) draws values for the ``search.space`` keys (sampler checkpoint, steps,
 guidance, and for Diffusion Inversion the noise and interpolation strengths), applies them and ``search.fixed``
 on top of the params, runs the real `sample` stage code in a scratch workspace, and scores the result by CAS:
 a classifier (the `cas` training params, ``search.seeds`` seeds) trained on the synthetic images whose source
@@ -27,22 +27,20 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 
-from thinair import classifier, io, paths
-from thinair import search as core
-from thinair.caching import record
+from thinair import io, paths
+from thinair import study as core
 from thinair.config import Params, parse_params
-from thinair.devices import device_slot, set_threads
 from thinair.generator import generator_identity, runtime_key
-from thinair.orchestration import task_options
 from thinair.presets import yaml_value
-from thinair.stage import (Split, clean_dir, content_key, files_under, inputs_digest, link_stages, read_split,
-                           read_synthetic, source_hash)
-from thinair.tasks import cas as cas_stage
-from thinair.tasks import sample as sample_stage
+from thinair.steering import method_inputs
+from thinair.training import cached_training
+from thinair.units import clean_dir, code_key, content_key, run_local, stage_code
+from thinair.upstream import LabelledImages, inputs_digest, link_stages, read_split, read_synthetic
 
 STAGE = "search"
+RUNS = ("sample",)  # it runs the sample stage's code (by name, through thinair/units.py): part of its key
+RETRIES = (1, 10)
 LINKED = ("ingest", "encode", "invert", "classenc")
 log = logging.getLogger(__name__)
 
@@ -83,23 +81,23 @@ def baseline(params: Params) -> dict | None:
     return values
 
 
-def score(params: Params, split: core.Split, train: Split, ws: Path, device=None) -> tuple[float, int]:
+def score(params: Params, split: core.ValidationSplit, train: LabelledImages, ws: Path,
+          device=None) -> tuple[float, int]:
     """Sample with `params` in `ws`; CAS of the synthetic images from split.train_ids on split.val_ids (the mean
     over search.seeds trainings). Returns (score, synthetic images trained on)."""
-    records = [sample_stage.sample_chunk(params, c, ws, device) for c in range(sample_stage.chunk_count(ws))]
-    sample_stage.finalize(params, records, ws)
+    run_local("sample", params, ws, device)
     syn = read_synthetic(ws)
     keep = np.isin(syn.source, split.train_ids) & ((syn.partner < 0) | np.isin(syn.partner, split.train_ids))
     if not keep.any():
         raise ValueError("search: no synthetic image of this trial comes from the train part of the split (its "
                          "source or partner is a validation image, or the CLIP filter dropped it); lower "
                          "search.validation_fraction or sample.clip_min_score")
-    val = Split(train.images[split.val_ids], train.labels[split.val_ids], train.class_names)
+    val = LabelledImages(train.images[split.val_ids], train.labels[split.val_ids], train.class_names)
     accs = []
     for i in range(params.search.seeds):
-        res = cas_stage.train_run(params, "search", io.seed_for(params.base.seed, STAGE, "cas", i),
-                                  [(syn.images[keep], syn.labels[keep], 1.0)], {"val": val},
-                                  len(train.class_names), ws)
+        res = cached_training(params, "cas", "search", io.seed_for(params.base.seed, STAGE, "cas", i),
+                              [(syn.images[keep], syn.labels[keep], 1.0)], {"val": val},
+                              len(train.class_names), ws)
         accs.append(res["val"]["accuracy"])
     shutil.rmtree(paths.cache_dir("sample", ws), ignore_errors=True)  # scored: its images are not needed again
     return float(np.mean(accs)), int(keep.sum())
@@ -116,10 +114,9 @@ def study_key(params: Params, root: str | Path = ".") -> str:
     raw["search"].pop("trials")
     for section in ("metrics", "report", "pretrain", "ingest"):
         raw.pop(section)
-    return content_key(STAGE, source_hash(__name__), source_hash(core.__name__), source_hash(sample_stage.__name__),
-                       source_hash(cas_stage.__name__), source_hash(classifier.__name__), raw,
-                       generator_identity(params.base), runtime_key(params.base),
-                       inputs_digest(root, "ingest", "invert", "classenc"), sample_stage.method_inputs(params, root))
+    return content_key(STAGE, code_key(*stage_code(STAGE)), raw, generator_identity(params.base),
+                       runtime_key(params.base), inputs_digest(root, "ingest", "invert", "classenc"),
+                       method_inputs(params, root))
 
 
 def search(params: Params, root: str | Path = ".", device=None) -> dict:
@@ -142,7 +139,7 @@ def search(params: Params, root: str | Path = ".", device=None) -> dict:
             trial_params(params, {key_name: v})
     ws = link_stages(paths.work_dir(STAGE, root) / "workspace", root, LINKED)
 
-    def objective(values: dict, sp: core.Split) -> float:
+    def objective(values: dict, sp: core.ValidationSplit) -> float:
         acc, n = score(trial_params(params, values), sp, train, ws, device)
         log.info("search trial %s: validation CAS %.4f on %d synthetic images", values, acc, n)
         return acc
@@ -174,16 +171,21 @@ def search(params: Params, root: str | Path = ".", device=None) -> dict:
     return manifest
 
 
-def stage_key(params: Params, root: str | Path = ".") -> str:
-    return content_key(STAGE, study_key(params, root) if params.search.trials else None, params.search.trials)
+def units(params: Params, root: str | Path = ".") -> list[dict]:
+    """One unit: the study."""
+    return [{"name": "study"}]
 
 
-@task(name="search", **task_options(retries=1, delay=10, cache=("search", stage_key)))
-def search_task(params: Params, root: str = ".") -> dict:
-    set_threads(params.base)
-    with device_slot(params.base, root, "search") as device:
-        manifest = search(params, root, device)
-    return record(root, files_under(paths.stage_dir(STAGE, root)), manifest=manifest)
+def key(params: Params, unit: dict, root: str | Path = ".") -> list:
+    return [study_key(params, root) if params.search.trials else None, params.search.trials]
+
+
+def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> dict:
+    return search(params, root, device)
+
+
+def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
+    return records[0]["result"]
 
 
 def tables(root: str | Path = ".") -> dict[str, tuple[str, list[dict]]]:

@@ -1,27 +1,21 @@
-"""Run stages through their plain functions (no Prefect), in DAG order. Also a child-process entry point
-for kill tests: ``python -m tests.stages PARAMS_YAML ROOT STAGE [STAGE ...]``."""
+"""Run stages through the same unit runner as the flows (thinair/units.py), without Prefect, in DAG order. Also a
+child-process entry point for kill tests: ``python -m tests.stages PARAMS_YAML ROOT STAGE [STAGE ...]``."""
 from __future__ import annotations
 
 import logging
 import sys
 
-from thinair.tasks import cas, classenc, encode, ingest, invert, metrics, pretrain, report, sample, search
+from thinair.units import run_local
 
 ORDER = ("ingest", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report")
 
 
 def run_stage(stage: str, params, root):
-    if stage == "ingest":
-        return ingest.ingest(params, root)
-    if stage == "encode":
-        train, n = encode.chunks(params, root)
-        return encode.finalize(params, [encode.encode_chunk(params, i, train, root) for i in range(n)], root)
-    if stage in ("invert", "sample"):
-        mod = invert if stage == "invert" else sample
-        run = mod.invert_chunk if stage == "invert" else mod.sample_chunk
-        return mod.finalize(params, [run(params, i, root) for i in range(mod.chunk_count(root))], root)
-    return {"pretrain": pretrain.pretrain, "classenc": classenc.train, "search": search.search, "metrics": metrics.metrics, "cas": cas.cas,
-            "report": report.report}[stage](params, root)
+    if stage == "pretrain":  # not a unit stage: it trains the embedded generator (DVC decides when)
+        from thinair.tasks.pretrain import pretrain
+
+        return pretrain(params, root)
+    return run_local(stage, params, root)
 
 
 def run_all(params, root, stages=ORDER):

@@ -1,10 +1,10 @@
-"""Prefect task caching keyed on content and verified on every hit (thinair/caching.py): a second run is all
+"""Prefect task caching keyed on content and verified on every hit (thinair/units.py): a second run is all
 cache hits; a deleted or changed output makes exactly that task run again; records live in the project."""
 from __future__ import annotations
 
 import json
 
-from thinair import caching, io, paths
+from thinair import io, paths, units
 from tests.conftest import tiny_params
 
 
@@ -18,22 +18,22 @@ def test_a_record_whose_output_is_missing_or_changed_is_dropped(tmp_path):
     out = tmp_path / "data" / "x" / "a.bin"
     out.parent.mkdir(parents=True)
     out.write_bytes(b"abc")
-    rec = caching.record(tmp_path, [out])
+    rec = units.record(tmp_path, [out])
     assert rec == {"outputs": {"data/x/a.bin": io.file_sha256(out)}}
-    params = {"root": str(tmp_path)}
-    _store(tmp_path, "t-k1", rec)
-    assert caching.verified_key("t", lambda root: "k1", None, params) == "t-k1"
-    assert (paths.prefect_results(tmp_path) / "t-k1").is_file()  # intact outputs: the record stays
+    params = {"root": str(tmp_path), "key": "k1", "unit": {"name": "u"}}
+    _store(tmp_path, "t-u-k1", rec)
+    assert units.verified_key("t", None, params) == "t-u-k1"
+    assert (paths.prefect_results(tmp_path) / "t-u-k1").is_file()  # intact outputs: the record stays
     out.write_bytes(b"abd")
-    caching.verified_key("t", lambda root: "k1", None, params)
-    assert not (paths.prefect_results(tmp_path) / "t-k1").exists()  # changed output: dropped
-    _store(tmp_path, "t-k1", rec)
+    units.verified_key("t", None, params)
+    assert not (paths.prefect_results(tmp_path) / "t-u-k1").exists()  # changed output: dropped
+    _store(tmp_path, "t-u-k1", rec)
     out.unlink()
-    caching.verified_key("t", lambda root: "k1", None, params)
-    assert not (paths.prefect_results(tmp_path) / "t-k1").exists()  # missing output: dropped
-    _store(tmp_path, "t-k2", {"no": "outputs"})
-    caching.verified_key("t", lambda root: "k2", None, params)
-    assert not (paths.prefect_results(tmp_path) / "t-k2").exists()  # unreadable record: dropped
+    units.verified_key("t", None, params)
+    assert not (paths.prefect_results(tmp_path) / "t-u-k1").exists()  # missing output: dropped
+    _store(tmp_path, "t-u-k2", {"no": "outputs"})
+    units.verified_key("t", None, params | {"key": "k2"})
+    assert not (paths.prefect_results(tmp_path) / "t-u-k2").exists()  # unreadable record: dropped
 
 
 def test_result_records_live_in_the_project_not_the_home(tmp_path):

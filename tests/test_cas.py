@@ -10,7 +10,9 @@ import pytest
 from tests.stages import run_all, run_stage
 from thinair import io
 from thinair.config import ParamsError, parse_params
-from thinair.stage import StageInputMissing, Synthetic
+from thinair.errors import StageInputMissing
+from thinair import training
+from thinair.upstream import Synthetic
 from thinair.tasks import cas as cas_stage
 from tests.conftest import tiny_params
 
@@ -50,7 +52,7 @@ def test_seeds_scaling_and_cache(tiny_generator, tmp_path, caplog):
     assert real.real_images.tolist() == [20, 40] and {"real_only", "synthetic_only"} <= set(real.columns)
     assert (tmp_path / "data" / "cas" / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     # every scaling point at full size is the same training as the seed-0 synthetic/real run: cached, not redone
-    with caplog.at_level(logging.INFO, logger="thinair.tasks.cas"):
+    with caplog.at_level(logging.INFO, logger="thinair"):
         again = run_stage("cas", params, tmp_path)
     assert again == out
     assert "epoch" not in caplog.text and caplog.text.count("reused from cache") == len(details)
@@ -66,19 +68,19 @@ def test_killed_training_resumes_to_the_same_result(tiny_generator, tmp_path, mo
 
         shutil.rmtree(d)
 
-    original = cas_stage.log.info
+    original = training.log.info
 
     def die_at_epoch_2(msg, *args):
         if "epoch %d/%d" in msg and args[2] == 2:
             raise KeyboardInterrupt("simulated kill")
         original(msg, *args)
 
-    monkeypatch.setattr(cas_stage.log, "info", die_at_epoch_2)
+    monkeypatch.setattr(training.log, "info", die_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run_stage("cas", params, tmp_path)
     assert list((tmp_path / ".thinair" / "work" / "cas").glob("*.pt"))  # epoch 1's checkpoint
-    monkeypatch.setattr(cas_stage.log, "info", original)
-    with caplog.at_level(logging.INFO, logger="thinair.tasks.cas"):
+    monkeypatch.setattr(training.log, "info", original)
+    with caplog.at_level(logging.INFO, logger="thinair"):
         resumed = run_stage("cas", params, tmp_path)
     assert "resuming after epoch 1" in caplog.text
     assert resumed == clean

@@ -6,7 +6,7 @@ import pytest
 
 from thinair import datasets, io
 from thinair.config import parse_params
-from thinair.stage import read_split
+from thinair.upstream import read_split
 from thinair.tasks.ingest import ingest, limit_per_class
 
 

@@ -69,7 +69,7 @@ def test_search_space_and_fixed_are_validated():
 def test_search_stage_end_to_end_never_reads_test_and_resumes(tiny_generator, tmp_path, monkeypatch):
     import yaml
 
-    import thinair.stage
+    import thinair.upstream
     from thinair import presets
     from thinair.config import load_params
     from thinair.tasks import search as stage
@@ -80,7 +80,7 @@ def test_search_stage_end_to_end_never_reads_test_and_resumes(tiny_generator, tm
     run_all(params, tmp_path, ("ingest", "encode", "invert", "classenc"))
     test_shards = {s for s in io.read_json(tmp_path / "data/ingest/manifest.json")["splits"]["test"]["shards"]}
     splits, loaded, calls = [], [], []
-    real_read, real_load, real_score = thinair.stage.read_split, io.load_npz, stage.score
+    real_read, real_load, real_score = thinair.upstream.read_split, io.load_npz, stage.score
     monkeypatch.setattr(stage, "read_split", lambda split, root=".": splits.append(split) or real_read(split, root))
     monkeypatch.setattr(io, "load_npz", lambda path: loaded.append(str(path)) or real_load(path))
 

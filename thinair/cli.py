@@ -65,16 +65,11 @@ EVALUATED_BY_METRICS = ("check", "ingest", "encode", "invert", "sample", "metric
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from thinair.datasets import DatasetUnavailable
-    from thinair.generator import GeneratorUnavailable
-    from thinair.stage import StageInputMissing
-    from thinair.features import FeaturesUnavailable
-    from thinair.orchestration import RunnerUnavailable
-    from thinair.tasks.invert import NonFiniteLoss
-    from thinair.workspace import WorkspaceBusy
+    """What the CLI explains in one paragraph instead of a traceback: every thinair error (thinair/errors.py), bad
+    values, and I/O failures (a full disk)."""
+    from thinair.errors import ThinairError
 
-    return (WorkspaceBusy, DatasetUnavailable, GeneratorUnavailable, StageInputMissing, NonFiniteLoss,
-            FeaturesUnavailable, RunnerUnavailable, ValueError, OSError)
+    return (ThinairError, ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 STAGES = ("ingest", "pretrain", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report")
 
 
-class ParamsError(ValueError):
-    """Bad parameters: the message names the key, the value and what is allowed."""
+from thinair.errors import ParamsError  # noqa: E402,F401 - raised here, defined with every other error
 
 
 class _Section(BaseModel):
@@ -189,7 +188,7 @@ class Sample(_Section):
     batched_guidance: bool = Field(True, description="Conditional and unconditional passes in one batched UNet "
                                    "call (fast path) instead of two.")
     prompts_file: str | None = Field(None, description="method prompts: a prompt template file (YAML/JSON, format in "
-                                     "thinair/prompts.py; each job's class is a dataset class name); null = the "
+                                     "thinair/prompt_templates.py; each job's class is a dataset class name); null = the "
                                      "baseline \"a photo of a {class}\" over the dataset's class names.")
     prompt_mode: Literal["txt2img", "img2img"] = Field(
         "txt2img", description="method prompts: txt2img = from pure noise; img2img = from the image's real latents "
@@ -331,7 +330,7 @@ class Params(_Section):
                     f"sample.checkpoints: step {c} is not saved by invert (saved every "
                     f"{self.invert.checkpoint_every} up to {self.invert.steps}); use a multiple of "
                     "invert.checkpoint_every or 'final'")
-        from thinair.search import check_space
+        from thinair.study import check_space
 
         try:
             check_space(self.search.space)

@@ -48,8 +48,7 @@ SPLIT_SEED = 0  # splits we make are fixed, independent of base.seed
 IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-class DatasetUnavailable(RuntimeError):
-    """The dataset is neither on disk nor downloadable; the message says where to put which files."""
+from thinair.errors import DatasetUnavailable  # noqa: E402,F401
 
 
 @dataclass

@@ -28,8 +28,7 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 Extractor = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, C) -> float32 (N, D)
 
 
-class FeaturesUnavailable(RuntimeError):
-    """A feature extractor cannot be built here (missing weights or model files); the message says the fix."""
+from thinair.errors import FeaturesUnavailable  # noqa: E402,F401
 
 
 def _rgb(images: np.ndarray) -> np.ndarray:

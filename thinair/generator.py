@@ -25,8 +25,7 @@ SCHEDULERS = {
 }
 
 
-class GeneratorUnavailable(RuntimeError):
-    """The generator could not be loaded; the message says which source failed and how to fix it."""
+from thinair.errors import GeneratorUnavailable  # noqa: E402,F401
 
 
 @dataclass

@@ -35,3 +35,27 @@ def to_uint8(x: torch.Tensor, resolution: int, channels: int, interpolation: str
         x = x.mean(dim=1, keepdim=True)
     x = ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()  # (N, R, R, C)
+
+
+def tile(images: np.ndarray, cols: int, upscale: int, pad: int = 1) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 (rows*(H+pad), cols*(W+pad), 3) mosaic, upscaled by pixel repeat."""
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    images = images.repeat(upscale, 1).repeat(upscale, 2)
+    n, h, w, _ = images.shape
+    rows = max(1, -(-n // cols))
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    return canvas
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()

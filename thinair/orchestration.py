@@ -8,9 +8,7 @@ from __future__ import annotations
 import errno
 import os
 
-# Errors that no retry can fix: bad params, missing inputs, unusable data or model.
-PERMANENT = ("ParamsError", "StageInputMissing", "DatasetUnavailable", "GeneratorUnavailable", "ValueError",
-             "TypeError", "KeyError", "NonFiniteLoss", "FileNotFoundError", "FeaturesUnavailable", "RunnerUnavailable")
+from thinair.errors import RunnerUnavailable, is_permanent
 
 
 def configure() -> None:
@@ -34,12 +32,8 @@ def retry_transient(task, task_run, state) -> bool:
     except BaseException as err:  # noqa: BLE001 - we only classify it
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             return False  # a full disk does not empty itself in 10 s
-        return not any(cls.__name__ in PERMANENT for cls in type(err).__mro__)
+        return not is_permanent(err)  # the error's own `permanent` flag (thinair/errors.py)
     return False
-
-
-class RunnerUnavailable(RuntimeError):
-    """The chosen task runner's package is not installed; the message says what to install."""
 
 
 def _init_worker(threads: int) -> None:
@@ -88,21 +82,16 @@ def task_runner(workers: int, kind: str = "thread", address: str | None = None):
             from None
 
 
-def task_options(retries: int = 2, delay: float = 10, cache: tuple | None = None) -> dict:
-    """Options every thinair task shares: retries with exponential back-off (10 s, 20 s, 40 s ... for
-    I/O errors and device faults; never for bad input, see :func:`retry_transient`), and, with
-    ``cache=(name, key_fn)``, Prefect's result cache keyed on content and verified on every hit
-    (thinair/caching.py). Uncached tasks keep Prefect's cache off."""
+def task_options(retries: int = 2, delay: float = 10) -> dict:
+    """Options every thinair task shares: retries with exponential back-off (10 s, 20 s, 40 s ... for I/O errors
+    and device faults; never for bad input, see :func:`retry_transient`) and Prefect's own cache off (the unit
+    tasks of thinair/units.py add their content-keyed, verified cache)."""
     from prefect.cache_policies import NO_CACHE
     from prefect.tasks import exponential_backoff
 
-    from thinair.caching import cache_options
-
-    opts = {"retries": retries, "retry_delay_seconds": exponential_backoff(delay) if retries else 0,
-            "retry_jitter_factor": 0.2, "retry_condition_fn": retry_transient}
-    if cache is None:
-        return opts | {"cache_policy": NO_CACHE, "persist_result": False}
-    return opts | cache_options(*cache)
+    return {"retries": retries, "retry_delay_seconds": exponential_backoff(delay) if retries else 0,
+            "retry_jitter_factor": 0.2, "retry_condition_fn": retry_transient, "cache_policy": NO_CACHE,
+            "persist_result": False}
 
 
 def publish_tables(tables: dict[str, tuple[str, list[dict]]]) -> None:
@@ -111,21 +100,3 @@ def publish_tables(tables: dict[str, tuple[str, list[dict]]]) -> None:
 
     for key, (description, rows) in tables.items():
         create_table_artifact(rows, key=key, description=description)
-
-
-def fan_out(task, calls: list[tuple], root, what: str, names: list[str] | None = None) -> list:
-    """Submit ``task(*args)`` for each args tuple (its results cached under this project's root) and wait for
-    all, updating a ``<what>-progress`` progress artifact as they finish. Returns the results in order."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from prefect.futures import as_completed
-
-    from thinair.caching import bind
-
-    task = bind(task, root)
-    futures = [(task.with_options(task_run_name=names[i]) if names else task).submit(*args)
-               for i, args in enumerate(calls)]
-    progress = create_progress_artifact(0.0, key=f"{what}-progress",
-                                        description=f"{what}: {len(futures)} task(s) finished, in percent")
-    for done, _ in enumerate(as_completed(futures), 1):
-        update_progress_artifact(progress, 100.0 * done / max(1, len(futures)))
-    return [f.result() for f in futures]

@@ -17,8 +17,7 @@ from pathlib import Path
 from thinair import paths
 
 
-class WorkspaceBusy(RuntimeError):
-    """Another thinair run holds this workspace; the message names it and what to do."""
+from thinair.errors import WorkspaceBusy  # noqa: E402,F401
 
 
 @contextlib.contextmanager

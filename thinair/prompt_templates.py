@@ -98,7 +98,7 @@ def parse_entry(raw, i: int) -> TemplateEntry:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(ENTRY_KEYS)}")
     missing = sorted({"template", "class", "seeds", "count"} - set(raw))
     if missing:
-        raise ValueError(f"{where}: missing key(s) {missing}; see the format in thinair/prompts.py")
+        raise ValueError(f"{where}: missing key(s) {missing}; see the format in thinair/prompt_templates.py")
     if not isinstance(raw["template"], str) or not raw["template"].strip():
         raise ValueError(f"{where}: template must be a non-empty string")
     if not isinstance(raw["class"], str) or not raw["class"].strip():

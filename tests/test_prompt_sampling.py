@@ -14,7 +14,8 @@ import yaml
 
 from tests.conftest import tiny_params
 from tests.stages import run_all, run_stage
-from thinair import io, promptgen
+from thinair import diffusion, io
+from thinair import prompt_sampling as promptgen
 from thinair.config import ParamsError, params_table, parse_params
 from thinair.features import FeaturesUnavailable
 from thinair.generator import GeneratorUnavailable, encode_prompts, load_generator
@@ -152,7 +153,7 @@ def test_img2img_small_strength_stays_close_and_full_strength_is_txt2img(tiny_ge
     assert torch.equal(full, txt)  # strength 1 = from pure noise, the same draw
     assert (small - x0).abs().mean() < 0.25 * (txt - x0).abs().mean()
     assert not torch.equal(run(0.6), txt)
-    lat, timesteps = promptgen.img2img_start(g.scheduler(scheduler), 5, 0.6, x0, noise)
+    lat, timesteps = diffusion.img2img_start(g.scheduler(scheduler), 5, 0.6, x0, noise)
     assert len(timesteps) == 3 + (scheduler == "pndm")  # the last 3 of 5 steps (PNDM repeats one)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinair.classenc import (ClassEncoder, draw_batch, finetune_unet, generate, load_encoder, noise_loss,
+from thinair.class_encoder import (ClassEncoder, draw_batch, finetune_unet, generate, load_encoder, noise_loss,
                               save_encoder, train_encoder)
 from thinair.generator import build_unet, build_vae, sd_scheduler_config
 

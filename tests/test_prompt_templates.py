@@ -7,7 +7,7 @@ import math
 import pytest
 import yaml
 
-from thinair.prompts import PromptJob, class_names, expand, load_templates, validate
+from thinair.prompt_templates import PromptJob, class_names, expand, load_templates, validate
 
 SPEC = {
     "seed": 3,

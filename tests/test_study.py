@@ -5,7 +5,7 @@ import numpy as np
 import optuna
 import pytest
 
-from thinair.search import Split, distributions, run_study, validation_split
+from thinair.study import ValidationSplit, distributions, run_study, validation_split
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -21,7 +21,7 @@ def _score(params, split):
 
 def test_split_is_stratified_disjoint_and_deterministic():
     s = validation_split(TRAIN_LABELS, 0.25, seed=0, ids=TRAIN_IDS)
-    assert isinstance(s, Split)
+    assert isinstance(s, ValidationSplit)
     assert len(np.intersect1d(s.train_ids, s.val_ids)) == 0
     assert np.array_equal(np.union1d(s.train_ids, s.val_ids), TRAIN_IDS)
     label_of = dict(zip(TRAIN_IDS.tolist(), TRAIN_LABELS.tolist()))
@@ -121,7 +121,7 @@ def test_objective_only_sees_train_split_ids(tmp_path):
         seen = np.union1d(train, val)
         assert np.isin(seen, TRAIN_IDS).all() and not np.isin(seen, TEST_IDS).any()
         assert len(np.intersect1d(train, val)) == 0
-    leaky = Split(split.train_ids, np.concatenate([split.val_ids, TEST_IDS[:3]]))
+    leaky = ValidationSplit(split.train_ids, np.concatenate([split.val_ids, TEST_IDS[:3]]))
     with pytest.raises(ValueError, match="3 id\\(s\\) of the split are test ids"):
         run_study(objective, SPACE, 1, tmp_path / "t.journal", "leak", 0, leaky, test_ids=TEST_IDS)
     assert len(touched) == 3  # refused before any trial ran

@@ -2,7 +2,7 @@
 
 Every bank row (one per real train image, the same rows and plan as the other methods) is generated from the
 text-encoder context of a prompt for its class: a prompt of ``sample.prompts_file`` (the template format of
-thinair/prompts.py; each job's ``class`` must be one of the dataset's class names; each image picks one of its
+thinair/prompt_templates.py; each job's ``class`` must be one of the dataset's class names; each image picks one of its
 class's jobs, so a prompt's ``count`` is its weight; the template's seeds are not used, the images keep the sample
 plan's seeds) or, when that is null, the baseline ``"a photo of a {class}"``. The unconditional context is the
 empty prompt's encoding. ``prompt_mode: img2img`` starts from the row's real image latents (posterior mean x
@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from thinair import io, paths
 from thinair.features import FeaturesUnavailable
 from thinair.generator import GeneratorUnavailable, encode_prompts
-from thinair.prompts import expand, load_templates
-from thinair.stage import files_under, require
+from thinair.prompt_templates import expand, load_templates
+from thinair.units import files_under
+from thinair.upstream import require
 
 BASELINE = "a photo of a {class}"
 DROPPED = "clip_dropped.csv"
@@ -72,7 +73,7 @@ def class_prompts(prompts_file: str | None, class_names: list[str]) -> list[list
         jobs = expand(load_templates(Path(prompts_file).expanduser()))
     except ValueError as err:
         raise ValueError(f"sample.prompts_file={prompts_file!r}: {err}. Fix the file (format in "
-                         "thinair/prompts.py) or set sample.prompts_file: null for the baseline "
+                         "thinair/prompt_templates.py) or set sample.prompts_file: null for the baseline "
                          f"{BASELINE!r}") from None
     index = {n: k for k, n in enumerate(class_names)}
     unknown = sorted({j.class_name for j in jobs} - set(index))
@@ -105,24 +106,6 @@ def prompt_contexts(base, prompts: list[str], device="cpu") -> dict[str, torch.T
 
 
 # ---------------------------------------------------------------- img2img
-
-def img2img_start(scheduler, steps: int, strength: float, x0: torch.Tensor, noise: torch.Tensor):
-    """Noised start latents and the timesteps left, as diffusers' StableDiffusionImg2ImgPipeline does it.
-
-    x0, noise (B, 4, h, w). The schedule's last ``int(steps * strength)`` steps are run from x0 noised to the
-    first of them; strength 1 starts from pure noise instead (as diffusers' inpaint pipeline), i.e. txt2img.
-    """
-    scheduler.set_timesteps(steps, device=x0.device)
-    if strength >= 1.0:
-        return noise * scheduler.init_noise_sigma, scheduler.timesteps
-    t_start = (steps - min(int(steps * strength), steps)) * scheduler.order
-    if t_start >= len(scheduler.timesteps):
-        raise ValueError(f"sample.strength={strength} x sample.steps={steps} leaves no denoising step; raise either")
-    timesteps = scheduler.timesteps[t_start:]
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(t_start)
-    return scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0))), timesteps
-
 
 def source_latents(root: str | Path, index: np.ndarray, gen, resolution: int) -> torch.Tensor:
     """The real images' latents (len(index), 4, h, w): data/encode's posterior means x the scaling factor."""

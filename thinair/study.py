@@ -1,7 +1,7 @@
 """Guided hyper-parameter search (seed 002, done right): Optuna TPE scored on a validation split of the TRAIN set.
 
 The reference scored each trial on the test split; here :func:`validation_split` carves a stratified validation
-set out of the real *train* split only, and :func:`run_study` hands every objective call that :class:`Split`
+set out of the real *train* split only, and :func:`run_study` hands every objective call that :class:`ValidationSplit`
 (read-only id arrays) and can refuse a split that touches the test ids, so what an objective sees is checkable.
 Trials are stored in an Optuna journal file (``storage_path``, JournalStorage + JournalFileBackend) and a
 re-opened study runs only the trials still missing. Each proposal's TPE sampler is seeded from (seed, number of
@@ -21,7 +21,7 @@ from thinair.io import seed_for
 
 
 @dataclass(frozen=True)
-class Split:
+class ValidationSplit:
     train_ids: np.ndarray  # (N_train,) int64, sorted, read-only
     val_ids: np.ndarray  # (N_val,) int64, sorted, read-only
 
@@ -32,7 +32,7 @@ def _frozen_ids(ids) -> np.ndarray:
     return out
 
 
-def validation_split(labels, fraction: float, seed: int, ids=None) -> Split:
+def validation_split(labels, fraction: float, seed: int, ids=None) -> ValidationSplit:
     """Stratified, deterministic carve-out of a validation set from the real TRAIN split.
 
     Args:
@@ -57,7 +57,7 @@ def validation_split(labels, fraction: float, seed: int, ids=None) -> Split:
         n_val = min(max(1, int(round(fraction * len(members)))), len(members) - 1)
         rng = np.random.default_rng(seed_for(seed, "validation", c.item()))
         val.extend(rng.permutation(np.sort(members))[:n_val].tolist())
-    return Split(_frozen_ids(set(ids.tolist()) - set(val)), _frozen_ids(val))
+    return ValidationSplit(_frozen_ids(set(ids.tolist()) - set(val)), _frozen_ids(val))
 
 
 def check_space(space: dict) -> dict[str, str]:
@@ -97,7 +97,7 @@ def distributions(space: dict) -> dict:
     return out
 
 
-def _check_disjoint(split: Split, test_ids) -> None:
+def _check_disjoint(split: ValidationSplit, test_ids) -> None:
     if test_ids is None:
         return
     leak = np.intersect1d(np.concatenate([split.train_ids, split.val_ids]), np.asarray(test_ids))
@@ -106,8 +106,8 @@ def _check_disjoint(split: Split, test_ids) -> None:
                          "carve the validation set out of the train split only")
 
 
-def run_study(objective: Callable[[dict, Split], float], space: dict, n_trials: int, storage_path: str | Path,
-              study_name: str, seed: int, split: Split, *, direction: str = "maximize", test_ids=None,
+def run_study(objective: Callable[[dict, ValidationSplit], float], space: dict, n_trials: int, storage_path: str | Path,
+              study_name: str, seed: int, split: ValidationSplit, *, direction: str = "maximize", test_ids=None,
               first: dict | None = None):
     """Run (or resume) a seeded TPE study until it holds `n_trials` finished (complete or pruned) trials.
 

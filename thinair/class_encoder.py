@@ -29,11 +29,12 @@ from thinair.immiscible import immiscible_noise
 
 UNCOND = -1  # the label meaning "no class": the encoder's extra, learned index
 ADAPTER = "classenc"
+# the `classenc` stage's output files in data/classenc
+ENCODER, FULL_UNET, LORA_UNET = "encoder.safetensors", "unet.safetensors", "unet_lora.safetensors"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class NonFiniteLoss(FloatingPointError):
-    """The training loss became NaN/inf."""
+from thinair.errors import NonFiniteLoss  # noqa: E402,F401
 
 
 class ClassEncoder(nn.Module):

@@ -1,0 +1,90 @@
+"""Reading earlier stages' outputs: the ingest splits, the synthetic set, manifests and their digests.
+
+Reads ``data/<stage>`` folders (shards and ``manifest.json``); writes nothing, except :func:`link_stages`'s symlinks
+in a scratch workspace. A missing input raises :class:`StageInputMissing` naming the stage to run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from thinair import io, paths
+from thinair.errors import StageInputMissing
+from thinair.units import files_under
+
+
+def require(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise StageInputMissing(f"{path} is missing: run `thinair {stage}` (or `dvc repro {stage}`) first")
+    return path
+
+
+@dataclass
+class LabelledImages:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+    class_names: list[str]
+
+
+def read_split(split: str, root: str | Path = ".") -> LabelledImages:
+    """All shards of one ingest split, concatenated in order."""
+    d = paths.stage_dir("ingest", root)
+    manifest = io.read_json(require(d / io.MANIFEST, "ingest"))
+    images, labels = [], []
+    for shard in manifest["splits"][split]["shards"]:
+        z = io.load_npz(require(d / shard, "ingest"))
+        images.append(z["images"])
+        labels.append(z["labels"])
+    return LabelledImages(np.concatenate(images), np.concatenate(labels), list(manifest["class_names"]))
+
+
+@dataclass
+class Synthetic:
+    images: np.ndarray  # uint8 (M, H, W, C)
+    labels: np.ndarray  # (M,)
+    source: np.ndarray  # (M,) train row of the embedding each image came from
+    partner: np.ndarray  # (M,) train row of its interpolation partner, -1 = none
+
+
+def read_synthetic(root: str | Path = ".") -> Synthetic:
+    """Every synthetic image of ``data/sample`` with its labels and provenance."""
+    d = paths.stage_dir("sample", root)
+    manifest = io.read_json(require(d / io.MANIFEST, "sample"))
+    parts = [io.load_npz(d / f) for f in manifest["chunks"]]
+    return Synthetic(*(np.concatenate([p[k] for p in parts])
+                       for k in ("images", "labels", "source_index", "partner_index")))
+
+
+def upstream_chunks(stage: str, root: str | Path = ".") -> list:
+    """The chunk list of an upstream stage's manifest (names or records)."""
+    return io.read_json(require(paths.stage_dir(stage, root) / io.MANIFEST, stage))["chunks"]
+
+
+def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+def inputs_digest(root: str | Path, *stages: str) -> list[list[str]]:
+    """[relative path, sha256] of every file of the given stages' outputs: the inputs of a whole-stage task."""
+    out = []
+    for s in stages:
+        d = require(paths.stage_dir(s, root), s)
+        out += [[f.relative_to(root).as_posix(), io.file_sha256_memo(f)] for f in files_under(d)]
+    return out
+
+
+def link_stages(ws: Path, root: str | Path, stages: tuple[str, ...]) -> Path:
+    """A scratch workspace `ws` whose upstream stage outputs are symlinks to `root`'s (re-pointed if `root` moved);
+    stages `root` lacks are skipped. Returns `ws`."""
+    for stage in stages:
+        src, dst = paths.stage_dir(stage, root).resolve(), paths.stage_dir(stage, ws)
+        if not src.is_dir():
+            continue
+        if dst.is_symlink() and dst.resolve() != src:
+            dst.unlink()
+        if not dst.is_symlink():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src, target_is_directory=True)
+    return ws
