@@ -8,4 +8,4 @@ from thinair.units import run_flow
 
 @flow(name="report")
 def report_flow(params: Params | None = None, params_path: str = "params.yaml", root: str = ".") -> str:
-    return run_flow("report", resolve(params, params_path), root)
+    return str(run_flow("report", resolve(params, params_path), root))

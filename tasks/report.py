@@ -175,5 +175,5 @@ def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", devic
     return str(report(params, root))
 
 
-def finish(params: Params, records: list[dict], root: str | Path = ".") -> str:
-    return records[0]["result"]
+def finish(params: Params, records: list[dict], root: str | Path = ".") -> Path:
+    return Path(records[0]["result"])

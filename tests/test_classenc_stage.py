@@ -18,10 +18,9 @@ CLASSENC = {"tokens": 2, "hidden": 16, "steps": 6, "batch_size": 8, "checkpoint_
 
 
 def _sample(params, root):
-    from thinair.tasks import sample
+    from thinair.units import run_local
 
-    records = [sample.sample_chunk(params, c, root) for c in range(sample.chunk_count(root))]
-    return sample.finalize(params, records, root)
+    return run_local("sample", params, root)
 
 
 @pytest.mark.parametrize("finetune", ["none", "lora"])

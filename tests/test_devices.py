@@ -85,9 +85,9 @@ def test_two_simulated_devices_bound_the_chunk_tasks(prefect_server, tiny_genera
     ingest_flow(params=params, root=root)
     encode_flow(params=params, root=root)
     active, peak, slots_seen, lock = set(), [0], [], threading.Lock()
-    real = invert.invert_chunk
+    real = invert.compute
 
-    def observed(params, chunk, root=".", device=None):
+    def observed(params, unit, out, root=".", device=None):
         slot = devices._THREAD_DEVICES.slot
         with lock:
             assert slot not in active, f"device slot {slot} given to two tasks at once"
@@ -96,12 +96,12 @@ def test_two_simulated_devices_bound_the_chunk_tasks(prefect_server, tiny_genera
             slots_seen.append(slot)
         try:
             time.sleep(0.5)  # hold the device long enough for the other workers to try
-            return real(params, chunk, root, device)
+            return real(params, unit, out, root, device)
         finally:
             with lock:
                 active.discard(slot)
 
-    monkeypatch.setattr(invert, "invert_chunk", observed)
+    monkeypatch.setattr(invert, "compute", observed)
     trace = tmp_path / "trace"
     monkeypatch.setenv("THINAIR_TRACE", str(trace))  # every durable write (thinair/faults.py)
     flow = invert_flow.with_options(task_runner=task_runner(4, "thread"))

@@ -20,6 +20,7 @@ from thinair.config import ParamsError, params_table, parse_params
 from thinair.features import FeaturesUnavailable
 from thinair.generator import GeneratorUnavailable, encode_prompts, load_generator
 from thinair.tasks import sample
+from thinair.units import run_unit
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -209,7 +210,7 @@ def test_generator_without_text_encoder_is_a_clear_error(tiny_generator, project
     with pytest.raises(GeneratorUnavailable, match=r"no text_encoder/ and tokenizer/.*sample.method: class_tokens"):
         promptgen.key_parts(params, project)
     with pytest.raises(GeneratorUnavailable, match="sample.method: prompts needs a generator with a text encoder"):
-        sample.sample_chunk(params, 0, project)
+        run_unit("sample", params, sample.units(params, project)[0], project)
 
 
 def test_bad_prompts_file_and_clip_dir(sd_generator, project, tmp_path):

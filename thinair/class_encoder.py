@@ -26,15 +26,13 @@ from torch import nn
 
 from thinair import io
 from thinair.immiscible import immiscible_noise
+from thinair.errors import NonFiniteLoss  # noqa: F401 - raised here; defined in thinair/errors.py
 
 UNCOND = -1  # the label meaning "no class": the encoder's extra, learned index
 ADAPTER = "classenc"
 # the `classenc` stage's output files in data/classenc
 ENCODER, FULL_UNET, LORA_UNET = "encoder.safetensors", "unet.safetensors", "unet_lora.safetensors"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-from thinair.errors import NonFiniteLoss  # noqa: E402,F401
 
 
 class ClassEncoder(nn.Module):

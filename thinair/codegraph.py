@@ -90,3 +90,61 @@ def code_key(*modules: str) -> str:
 def stage_module(stage: str) -> str:
     """The module name of a stage's code (tasks/<stage>.py)."""
     return f"{PACKAGE}.tasks.{stage}"
+
+
+def stage_files(stage: str) -> list[str]:
+    """The code files a stage's results depend on, as dvc.yaml lists them: the closure of tasks/<stage>.py and of
+    the stages it runs (its ``RUNS``), i.e. exactly what its units' keys hash."""
+    import importlib
+
+    mod = importlib.import_module(stage_module(stage))
+    modules = [mod.__name__] + [stage_module(s) for s in getattr(mod, "RUNS", ())]
+    return relative(closure(*modules))
+
+
+def _stage_blocks(lines: list[str]) -> dict[str, tuple[int, int]]:
+    """{stage: (first, end) line range of its ``deps:`` list} in dvc.yaml's text."""
+    blocks, stage, i = {}, None, 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            stage = line.strip()[:-1]
+        elif stage and line.strip() == "deps:":
+            j = i + 1
+            while j < len(lines) and lines[j].startswith("      - "):
+                j += 1
+            blocks[stage] = (i + 1, j)
+            i = j
+            continue
+        i += 1
+    return blocks
+
+
+def sync_dvc_yaml(path: str | Path = "dvc.yaml", write: bool = True) -> dict[str, tuple[list[str], list[str]]]:
+    """Make every stage's code deps in dvc.yaml equal :func:`stage_files` (data deps and comments on them are kept).
+    Returns {stage: (missing, extra)} as found before writing; with ``write=False`` it only checks."""
+    path = Path(path)
+    lines = path.read_text().splitlines(keepends=True)
+    found = {}
+    for stage, (start, end) in sorted(_stage_blocks(lines).items(), key=lambda kv: -kv[1][0]):
+        if _origin(stage_module(stage)) is None:
+            continue
+        want = stage_files(stage)
+        entries = [ln for ln in lines[start:end]]
+        have = [ln.split("- ", 1)[1].split("#")[0].strip() for ln in entries]
+        code = [h for h in have if h.endswith(".py")]
+        found[stage] = (sorted(set(want) - set(code)), sorted(set(code) - set(want)))
+        keep = [ln for ln, h in zip(entries, have) if not h.endswith(".py")]
+        lines[start:end] = [f"      - {f}\n" for f in want] + keep
+    if write:
+        path.write_text("".join(lines))
+    return {s: d for s, d in found.items() if d[0] or d[1]}
+
+
+if __name__ == "__main__":  # python -m thinair.codegraph [--check]: sync (or check) dvc.yaml's code deps
+    import sys
+
+    diff = sync_dvc_yaml(write="--check" not in sys.argv)
+    for s, (missing, extra) in diff.items():
+        print(f"{s}: missing {missing}, extra {extra}")
+    sys.exit(1 if diff and "--check" in sys.argv else 0)

@@ -14,11 +14,9 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from thinair.errors import ParamsError  # noqa: F401 - raised here; defined in thinair/errors.py
 
 STAGES = ("ingest", "pretrain", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report")
-
-
-from thinair.errors import ParamsError  # noqa: E402,F401 - raised here, defined with every other error
 
 
 class _Section(BaseModel):

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from thinair.errors import DatasetUnavailable  # noqa: F401 - raised here; defined in thinair/errors.py
+from thinair.rawdata import IMG_EXT, RawDataset, stratified_split  # noqa: F401 - re-exported
+from thinair import imagefolder
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +47,6 @@ CHECKSUMMED = {"cifar10", "cifar100", "stl10"}  # torchvision verifies these fil
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 DIGITS_TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # splits we make are fixed, independent of base.seed
-IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-from thinair.errors import DatasetUnavailable  # noqa: E402,F401
-
-
-@dataclass
-class RawDataset:
-    train_images: np.ndarray  # (N, H, W, C) uint8
-    train_labels: np.ndarray  # (N,) int64
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    class_names: list[str]
-    skipped: list[dict] = field(default_factory=list)  # unreadable files, by path and reason
 
 
 def dataset_names() -> list[str]:
@@ -76,26 +64,9 @@ def load(name: str, root: str | Path, *, test_fraction: float = 0.2, download: b
     if name in MEDMNIST:
         return _medmnist(name, root, download)
     if name.startswith("folder:"):
-        from thinair.imagefolder import load_folder
-
-        return load_folder(Path(name[len("folder:"):]).expanduser(), test_fraction=test_fraction,
+        return imagefolder.load_folder(Path(name[len("folder:"):]).expanduser(), test_fraction=test_fraction,
                            image_size=image_size, corrupt=corrupt, split_seed=split_seed)
     raise ValueError(f"base.dataset: unknown dataset {name!r}; choose one of {', '.join(dataset_names())}")
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, test) with every class split in the same proportion, deterministically."""
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        n_test = int(round(len(idx) * test_fraction))
-        if len(idx) > 1:
-            n_test = min(max(n_test, 1), len(idx) - 1)
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def _digits() -> RawDataset:

@@ -22,13 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from thinair.errors import FeaturesUnavailable  # noqa: F401 - raised here; defined in thinair/errors.py
 
 KINDS = ("domain", "inception", "clip")
 INCEPTION_FILE = "inception-2015-12-05.pt"
 Extractor = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, C) -> float32 (N, D)
-
-
-from thinair.errors import FeaturesUnavailable  # noqa: E402,F401
 
 
 def _rgb(images: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from thinair.errors import GeneratorUnavailable  # noqa: F401 - raised here; defined in thinair/errors.py
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -23,9 +24,6 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
 }
-
-
-from thinair.errors import GeneratorUnavailable  # noqa: E402,F401
 
 
 @dataclass

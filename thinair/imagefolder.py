@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thinair.datasets import IMG_EXT, RawDataset, stratified_split
+from thinair.rawdata import IMG_EXT, RawDataset, stratified_split
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -169,7 +169,8 @@ class Checkpoint:
         if not self.path.is_file():
             return None
         state = torch.load(self.path, weights_only=True)
-        log.info("%s: resuming from %s", what, {k: state[k] for k in ("step", "epoch") if k in state})
+        where = f"from step {int(state['step'])}" if "step" in state else f"after epoch {int(state.get('epoch', 0))}"
+        log.info("%s: resuming %s", what, where)
         return state
 
     def save(self, state: dict) -> None:
@@ -251,8 +252,9 @@ def run_unit(stage, params, unit: dict, root: str | Path = ".", device=None, key
         out_dir.mkdir(parents=True, exist_ok=True)
         result = mod.compute(params, unit | {"key": key}, out_dir, root, device)
         return record(root, files_under(out_dir), unit=unit, key=key, result=result)
+    what = f"{mod.STAGE} chunk {unit['chunk']}" if "chunk" in unit else f"{mod.STAGE} {unit['name']}"
     made = cached(mod.STAGE, key, name, lambda tmp: mod.compute(params, unit | {"key": key}, tmp, root, device), root,
-                  f"{mod.STAGE} {unit['name']}")
+                  what)
     out = made
     if unit.get("publish", True):
         out = out_dir / name

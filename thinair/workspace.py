@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 
 from thinair import paths
-
-
-from thinair.errors import WorkspaceBusy  # noqa: E402,F401
+from thinair.errors import WorkspaceBusy  # noqa: F401 - raised here; defined in thinair/errors.py
 
 
 @contextlib.contextmanager

@@ -351,11 +351,22 @@ def test_non_finite_loss(ws, tiny_generator, monkeypatch, capsys):
              "invert chunk 0: loss is nan at step 1", "lower invert.lr")
 
 
+def test_non_finite_loss_in_the_class_encoder(ws, tiny_generator, monkeypatch, capsys):
+    """The class encoder's NaN is the same error as inversion's: a clean exit 1 with the fix, no traceback."""
+    import thinair.class_encoder as core
+
+    monkeypatch.setattr(core, "noise_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    err = _refused(ws, "classenc", _raw(tiny_generator, sample={"method": "class_encoder"}), capsys, 1,
+                   "thinair classenc: failed:", "loss is nan at step 1", "lower the learning rate")
+    assert "Traceback" not in err
+
+
 def test_incompatible_generator_embedding_width(ws, wide_generator, monkeypatch, capsys):
     """Embeddings learnt with a cross_attention_dim-8 generator, sampled with a cross_attention_dim-16 one."""
-    import thinair.flows.sample as flow
+    from thinair import units
 
-    monkeypatch.setattr(flow, "sample_chunk_task", flow.sample_chunk_task.with_options(retry_delay_seconds=0))
+    task = units.unit_task("sample").with_options(retry_delay_seconds=0)
+    monkeypatch.setattr(units, "unit_task", lambda stage: task)
     before = _hashes(ws)
     rc, err = _run(ws, "sample", _raw(wide_generator), capsys)
     assert rc == 1, err
@@ -366,7 +377,7 @@ def test_incompatible_generator_embedding_width(ws, wide_generator, monkeypatch,
 def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(ws, tiny_generator, monkeypatch, capsys):
     import safetensors.torch
 
-    import thinair.flows.encode as flow
+    from thinair import units
 
     calls = []
 
@@ -376,7 +387,8 @@ def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(ws, tiny_g
         raise OSError(errno.ENOSPC, "No space left on device", filename)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    monkeypatch.setattr(flow, "encode_chunk_task", flow.encode_chunk_task.with_options(retry_delay_seconds=0))
+    task = units.unit_task("encode").with_options(retry_delay_seconds=0)
+    monkeypatch.setattr(units, "unit_task", lambda stage: task)
     err = _refused(ws, "encode", _raw(tiny_generator, encode={"interpolation": "bilinear"}), capsys, 1,
                    "thinair encode: failed: [Errno 28] No space left on device")
     assert calls and not any(Path(c).exists() for c in calls)  # every partial file was removed
