@@ -14,7 +14,23 @@ from thinair import classifier as C
 # Map side before global pooling at (8 px, 32 px): the small-image stems downsample by 8, VGG as far as
 # the image allows (8 px: 3 pools, 32 px: 5), SmallCNN by 4.
 POOLED_SIDE = {"smallcnn": (2, 8), "resnet18": (1, 4), "vgg16": (1, 1), "mobilenetv2": (1, 4),
-               "shufflenetv2": (1, 4), "efficientnet_b0": (1, 4)}
+               "shufflenetv2": (1, 4), "efficientnet_b0": (1, 2)}
+
+# Map side before the head (global pooling) at 32 / 96 / 256 px: the reference's stems per resolution
+# (total stride ResNet-18 8/16/32, VGG-16 32, MobileNetV2 and ShuffleNetV2 8/16/16, EfficientNet-B0 16).
+HEAD_SIDE = {"smallcnn": (8, 24, 64), "resnet18": (4, 6, 8), "vgg16": (1, 3, 8), "mobilenetv2": (4, 6, 16),
+             "shufflenetv2": (4, 6, 16), "efficientnet_b0": (2, 6, 16)}
+
+# Captured before the per-resolution stems existed: (state_dict digest, conv/pool layout digest) of
+# `C.build(*args, seed=0)`; the small-image networks must stay the same, bit for bit.
+SMALL_NETS = {
+    ("resnet18", 3, 10, 32): ("42a57b68b29a11a03a101e691e68a91230c44a222097be0cad5238a16dbdeceb",
+                              "52bd1a3e3d1205b411970dda8b7ca15027e9249a4af887866fc3a5e6a9ad99dc"),
+    ("resnet18", 1, 9, 28): ("25f78010adfba7a98206a9b900d15c36ba5a70147976fd1458c3e7c2cef92036",
+                             "52bd1a3e3d1205b411970dda8b7ca15027e9249a4af887866fc3a5e6a9ad99dc"),
+    ("smallcnn", 1, 10, 8): ("239bb9ca3e150c21245a38d72ed2df5ac69368cc9769c53c74c732bf097ad5e9",
+                             "cd14d78ab312211f6eae0d36cf102a8fd911f121beab36783724f1ad1125f99c"),
+}
 
 # Captured with the code before `augment` / `resume` existed (smallcnn, 8 px, 2 epochs, see `_default_run`):
 # sha256 of every batch the model saw, sum of all float state, first 4 stem weights, per-epoch losses.
@@ -87,6 +103,45 @@ def test_models_build_for_tiny_and_cifar_images(name):
         assert f.shape == (2, net.feature_dim) and y.shape == (2, 5)
         assert torch.isfinite(y).all()
         assert pooled == [pooled_side, pooled_side]
+
+
+def _side_before_head(net: nn.Module, side: int) -> int:
+    """Side of the feature map that the last pooling (global, right before the head) receives."""
+    seen = []
+    pool = [m for m in net.modules() if isinstance(m, nn.AdaptiveAvgPool2d)][-1]
+    pool.register_forward_hook(lambda m, i, o: seen.append((i[0].shape[-2:], o.shape[-2:])))
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 3, side, side))
+    (h, w), pooled = seen[0]
+    assert out.shape == (1, 4) and h == w and pooled == (1, 1)
+    return h
+
+
+@pytest.mark.parametrize("name", C.MODELS)
+def test_map_side_before_the_head_follows_the_reference_per_resolution(name):
+    sides = tuple(_side_before_head(C.build(name, 3, 4, side, seed=0), side) for side in (32, 96, 256))
+    assert sides == HEAD_SIDE[name]
+
+
+def _state_digest(net: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in net.state_dict().items():
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _layout_digest(net: nn.Module) -> str:
+    """Kernel, stride, padding of every conv and pool: what a state_dict does not show."""
+    rows = [(n, type(m).__name__, *(str(getattr(m, a, None)) for a in ("kernel_size", "stride", "padding", "output_size")))
+            for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d))]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("args", SMALL_NETS)
+def test_small_image_networks_are_unchanged_bit_for_bit(args):
+    net = C.build(*args, seed=0, **({"width": 16} if args[0] == "smallcnn" else {}))
+    assert (_state_digest(net), _layout_digest(net)) == SMALL_NETS[args]
 
 
 def test_unknown_model_raises_with_the_allowed_names():

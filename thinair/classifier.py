@@ -4,16 +4,35 @@ Models (`MODELS`, built by `build`), all from torchvision definitions with ``wei
 `smallcnn`:
 
 * ``smallcnn`` suits tiny images (digits 8 px, MedMNIST 28 px).
-* ``resnet18``: ResNet-18 with the CIFAR stem (3x3 conv stride 1, no max-pool) for images <= 64 px, as in
-  the paper's protocol.
+* ``resnet18``: ResNet-18 (the paper's classifier).
 * ``vgg16``: ``vgg16_bn`` (the batch-norm variant: plain VGG-16 barely trains from scratch with SGD 0.1).
 * ``mobilenetv2``, ``shufflenetv2`` (x1.0), ``efficientnet_b0``.
 
-For images <= 64 px every torchvision model gets a CIFAR-style stem: the first conv has stride 1, the early
-max-pool is dropped, and (MobileNetV2, EfficientNet-B0) the first stride-2 stage keeps stride 1, so the
-total downsampling is 8 instead of 32. VGG drops its earliest max-pools until the last feature map is at
-least 1x1 (8 px: 3 pools left, 28 px: 4, 32 px: all 5) and ends in global average pooling + one linear
-layer. Every model exposes ``features(x) -> (B, feature_dim)`` and ``forward(x) = head(features(x))``.
+Stems follow the Diffusion Inversion reference (``src/models/*.py`` of yongchao97/diffusion_inversion, built by
+``get_network`` in ``src/train_net.py`` with ``resolution`` 28/32 for MedMNIST/CIFAR, 96 for STL-10, 256 for
+ImageNette). Its ResNet switches on the exact resolution; its other models take no resolution. We map any
+size onto its three tiers: <= 64 px (`SMALL`, the reference's 28/32 px), 65..128 px (`MEDIUM`, its 96 px) and
+larger (its 256 px). Total downsampling (map side before global pooling at 32 / 96 / 256 px):
+
+* ResNet-18 (``resnet.py`` lines 80-92, 112-113): <= 64 px 3x3 stride-1 conv, no max-pool (x8: 4); 65..128
+  px torchvision's 7x7 stride-2 conv but no max-pool (x16: 6); larger the full torchvision stem, 7x7
+  stride 2 + 3x3 stride-2 max-pool (x32: 8).
+* VGG-16 (``vgg.py``): every size ends in global average pooling + one linear layer on 512 features (the
+  reference's ``AdaptiveAvgPool2d((1, 1))`` + ``Linear(512, n)``, not torchvision's 7x7 pool + 4096-wide MLP);
+  all five max-pools (x32: 1 / 3 / 8), except that images too small for them drop the earliest ones until the
+  last map is at least 1x1 (8 px: 3 pools left, 28 px: 4).
+* MobileNetV2 (``mobilenetv2.py`` lines 42-54): the stem conv has stride 1 at every size; the first 24-channel
+  block keeps stride 1 at <= 64 px (the file's commented "change stride 2 -> 1 for CIFAR10" line) and stride
+  2 above (the line "change for STL10" that the file runs): x8 / x16 / x16: 4 / 6 / 16.
+* ShuffleNetV2 (``shufflenetv2.py`` lines 102-123): stem conv stride 1 at every size; no max-pool at <= 64 px
+  (as in the CIFAR original the reference edited, kuangliu/pytorch-cifar, where that line is commented out),
+  the 3x3 stride-2 max-pool above (the reference's line 123): x8 / x16 / x16: 4 / 6 / 16. (The reference
+  builds width x0.5; we keep x1.0.)
+* EfficientNet-B0 (``efficientnet.py`` lines 111-116, 160): stem conv stride 1, stage strides as torchvision
+  (1, 2, 2, 2, 1, 2, 1) at every size: x16: 2 / 6 / 16.
+
+The reference's ResNet at 28 px pads its 3x3 stem by 3 (a 32x32 map); we keep padding 1 at every small size.
+Every model exposes ``features(x) -> (B, feature_dim)`` and ``forward(x) = head(features(x))``.
 """
 from __future__ import annotations
 
@@ -31,7 +50,8 @@ from thinair.augment import (  # noqa: F401 - re-exported: the augmentations bel
     _MIXES, AUGMENTS, apply_policy, check_augment, crop_flip, cutout, make_policy, mix, soft_targets,
 )
 
-SMALL = 64  # images up to this side get the CIFAR-style stem
+SMALL = 64  # images up to this side: the reference's CIFAR / MedMNIST stems (28, 32 px)
+MEDIUM = 128  # up to this side: its STL-10 stems (96 px); larger: its ImageNette stems (256 px)
 
 
 class SmallCNN(nn.Module):
@@ -55,16 +75,20 @@ class SmallCNN(nn.Module):
 
 
 class ResNet18(nn.Module):
+    """torchvision's ResNet-18 with the reference's stem for `image_size` (see the module docstring)."""
+
     def __init__(self, in_ch: int, n_classes: int, image_size: int):
         super().__init__()
         from torchvision.models import resnet18
 
         net = resnet18(weights=None, num_classes=n_classes)
-        if image_size <= SMALL:  # CIFAR-style stem
+        if image_size <= SMALL:  # CIFAR stem: 3x3 stride 1, no max-pool
             net.conv1 = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
             net.maxpool = nn.Identity()
         elif in_ch != 3:
             net.conv1 = nn.Conv2d(in_ch, 64, 7, 2, 3, bias=False)
+        if SMALL < image_size <= MEDIUM:  # the reference's 96 px stem: 7x7 stride 2, no max-pool
+            net.maxpool = nn.Identity()
         self.head = net.fc
         net.fc = nn.Identity()
         self.body = net
@@ -91,8 +115,8 @@ class Net(nn.Module):
         return self.head(self.features(x))  # (B, n_classes)
 
 
-def _stem(conv: nn.Conv2d, in_ch: int, small: bool, kaiming: bool) -> nn.Conv2d:
-    """The first conv for `in_ch` input channels, with stride 1 when `small`.
+def _stem(conv: nn.Conv2d, in_ch: int, stride1: bool, kaiming: bool) -> nn.Conv2d:
+    """The first conv for `in_ch` input channels, with stride 1 when `stride1`.
 
     A new conv (initialised like torchvision does for that model when `kaiming`) replaces `conv` when the
     channel count changes; otherwise only the stride changes, which leaves the weights as built.
@@ -104,7 +128,7 @@ def _stem(conv: nn.Conv2d, in_ch: int, small: bool, kaiming: bool) -> nn.Conv2d:
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
-    if small:
+    if stride1:
         conv.stride = (1, 1)
     return conv
 
@@ -126,56 +150,51 @@ def _pools_that_fit(image_size: int, n: int) -> int:
 
 
 def _vgg16(in_ch: int, n_classes: int, image_size: int) -> Net:
+    """vgg16_bn features (max-pools that fit) + global average pooling + one linear layer, at every size."""
     from torchvision.models import vgg16_bn
 
-    net = vgg16_bn(weights=None, num_classes=n_classes)
-    feats = net.features
+    feats = vgg16_bn(weights=None, num_classes=n_classes).features
     feats[0] = _stem(feats[0], in_ch, False, kaiming=True)  # already 3x3 stride 1
     pools = [i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)]
     for i in pools[:len(pools) - _pools_that_fit(image_size, len(pools))]:  # drop the earliest ones
         feats[i] = nn.Identity()
-    if image_size <= SMALL:
-        head = nn.Linear(512, n_classes)
-        nn.init.normal_(head.weight, 0, 0.01)  # torchvision's VGG init for linear layers
-        nn.init.zeros_(head.bias)
-        return Net(nn.Sequential(feats, nn.AdaptiveAvgPool2d(1), nn.Flatten()), head, 512)
-    body = nn.Sequential(feats, net.avgpool, nn.Flatten(), *net.classifier[:-1])  # (B, 4096)
-    return Net(body, net.classifier[-1], 4096)
+    head = nn.Linear(512, n_classes)
+    nn.init.normal_(head.weight, 0, 0.01)  # torchvision's VGG init for linear layers
+    nn.init.zeros_(head.bias)
+    return Net(nn.Sequential(feats, nn.AdaptiveAvgPool2d(1), nn.Flatten()), head, 512)  # (B, 512)
 
 
 def _mobilenetv2(in_ch: int, n_classes: int, image_size: int) -> Net:
+    """torchvision's MobileNetV2 with a stride-1 stem; the first 24-channel block unstrided up to `SMALL`."""
     from torchvision.models import mobilenet_v2
 
     net = mobilenet_v2(weights=None, num_classes=n_classes)
-    small = image_size <= SMALL
-    net.features[0][0] = _stem(net.features[0][0], in_ch, small, kaiming=True)
-    if small:
-        _unstride(net.features[2])  # first 24-channel block: total stride 32 -> 8
+    net.features[0][0] = _stem(net.features[0][0], in_ch, True, kaiming=True)
+    if image_size <= SMALL:
+        _unstride(net.features[2])  # first 24-channel block: total stride 16 -> 8
     body = nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return Net(body, net.classifier, net.last_channel)
 
 
 def _shufflenetv2(in_ch: int, n_classes: int, image_size: int) -> Net:
+    """torchvision's ShuffleNetV2 x1.0 with a stride-1 stem; its max-pool only above `SMALL`."""
     from torchvision.models import shufflenet_v2_x1_0
 
     net = shufflenet_v2_x1_0(weights=None, num_classes=n_classes)
-    small = image_size <= SMALL
-    net.conv1[0] = _stem(net.conv1[0], in_ch, small, kaiming=False)  # torchvision keeps default init here
-    if small:
-        net.maxpool = nn.Identity()  # total stride 32 -> 8
+    net.conv1[0] = _stem(net.conv1[0], in_ch, True, kaiming=False)  # torchvision keeps default init here
+    if image_size <= SMALL:
+        net.maxpool = nn.Identity()  # total stride 16 -> 8
     body = nn.Sequential(net.conv1, net.maxpool, net.stage2, net.stage3, net.stage4, net.conv5,
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return Net(body, net.fc, net.fc.in_features)
 
 
 def _efficientnet_b0(in_ch: int, n_classes: int, image_size: int) -> Net:
+    """torchvision's EfficientNet-B0 with a stride-1 stem (total stride 16) at every `image_size`."""
     from torchvision.models import efficientnet_b0
 
     net = efficientnet_b0(weights=None, num_classes=n_classes)
-    small = image_size <= SMALL
-    net.features[0][0] = _stem(net.features[0][0], in_ch, small, kaiming=True)
-    if small:
-        _unstride(net.features[2])  # first 24-channel stage: total stride 32 -> 8
+    net.features[0][0] = _stem(net.features[0][0], in_ch, True, kaiming=True)
     body = nn.Sequential(net.features, net.avgpool, nn.Flatten())
     return Net(body, net.classifier, net.classifier[-1].in_features)
 
@@ -198,7 +217,7 @@ def build(name: str, in_ch: int, n_classes: int, image_size: int, seed: int = 0,
         name: one of `MODELS`.
         in_ch: image channels (1 or 3).
         n_classes: number of logits.
-        image_size: image side in px; <= 64 selects the small-image stem (works down to 8 px).
+        image_size: image side in px; selects the stem (`SMALL`, `MEDIUM`; works down to 8 px).
         seed: seeds torch's global RNG before the weights are drawn.
         width: channel width of `smallcnn` (its features are 4 x width); ignored by the torchvision models.
 
