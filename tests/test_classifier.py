@@ -214,15 +214,20 @@ def test_policies_on_rgb_keep_shape_and_leave_global_rng_alone(name):
     assert torch.equal(A._from_uint8(A._to_uint8(x)), x)  # the uint8 round trip is exact
 
 
-def test_cutout_makes_one_half_side_hole_per_image():
-    x = torch.ones(32, 3, 8, 8)
+@pytest.mark.parametrize("side, hole_side", [(8, 3), (32, 11), (96, 34)])
+def test_cutout_hole_is_one_eighth_of_the_image_area(side, hole_side):
+    """The paper's "square region, sized at 1/8 of the input image", read as 1/8 of the area."""
+    x = torch.ones(64, 3, side, side)
     out = C.cutout(x, torch.Generator().manual_seed(0))
     holes = (out == 0).all(1)  # (B, H, W)
+    area = holes.sum((-2, -1))  # (B,)
     assert holes.any(-1).any(-1).all()  # every image has a hole
-    assert (holes.sum((-2, -1)) <= 16).all()  # at most 4x4
-    assert (holes.sum((-2, -1)) == 16).any()  # some lie fully inside
+    assert area.max() == hole_side ** 2  # the largest are whole squares...
+    assert abs(area.max() / side ** 2 - 1 / 8) < 0.025  # ...of about 1/8 of the image
     rows, cols = holes.any(-1).sum(-1), holes.any(-2).sum(-1)
-    assert torch.equal(holes.sum((-2, -1)), rows * cols)  # rectangles: one hole, clipped at the borders
+    assert (rows <= hole_side).all() and (cols <= hole_side).all()
+    assert torch.equal(area, rows * cols)  # rectangles: one hole, clipped at the borders
+    assert A.cutout_side(side, side) == hole_side
 
 
 @pytest.mark.parametrize("kind", ["mixup", "cutmix"])
