@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from thinair import augment as A
 from thinair import classifier as C
@@ -292,3 +294,61 @@ def test_resume_of_another_run_length_raises():
     _train(C.build("smallcnn", 1, 3, 8), sources, epochs=2, on_epoch=lambda e, loss, s: states.setdefault(e, s))
     with pytest.raises(ValueError, match="resume"):
         _train(C.build("smallcnn", 1, 3, 8), sources, epochs=3, resume=states[1])
+
+
+def _count_steps(net, sources, **kw) -> tuple[list[float], list[tuple[int, int]]]:
+    """Train; returns the learning rate of every optimiser step and the (epoch, run's epochs) of each callback."""
+    lrs, epochs = [], []
+    hook = register_optimizer_step_post_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        _train(net, sources, on_epoch=lambda e, loss, state: epochs.append((e, state["epochs"])), **kw)
+    finally:
+        hook.remove()
+    return lrs, epochs
+
+
+@pytest.mark.parametrize("n, epochs", [(40, 4), (100, 2)])  # 3 and 7 batches of 16 per epoch
+def test_steps_train_a_fixed_number_of_optimiser_steps_whatever_the_data_size(n, epochs):
+    x, y = _data(n, 1, 8, 4, 0)
+    lrs, seen = _count_steps(C.build("smallcnn", 1, 4, 8, width=4), [(x, y, 1.0)], epochs=50, steps=10,
+                             warmup_steps=2)
+    assert len(lrs) == 10  # `epochs` is ignored
+    assert seen == [(e, epochs) for e in range(1, epochs + 1)]  # the last epoch is cut short
+    peak = PROTOCOL["lr"]
+    assert lrs[:3] == pytest.approx([peak * 0.001, peak * (0.001 + 0.999 / 2), peak])  # warm-up over 2 steps
+    assert lrs == pytest.approx([peak * C._lr_lambda(10, 2)(i) for i in range(10)])  # then cosine over the rest
+    assert all(a > b for a, b in itertools.pairwise(lrs[2:]))
+
+
+def test_steps_equal_to_whole_epochs_give_the_epoch_run():
+    x, y = _data(40, 1, 8, 4, 0)  # 3 steps per epoch
+    by_epochs = _train(C.build("smallcnn", 1, 4, 8, width=4), [(x, y, 1.0)], epochs=2)  # warm-up 1 epoch
+    by_steps = _train(C.build("smallcnn", 1, 4, 8, width=4), [(x, y, 1.0)], steps=6, warmup_steps=3)
+    for (k, a), b in zip(by_epochs.state_dict().items(), by_steps.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_steps_resume_mid_run_gives_the_uninterrupted_weights():
+    x, y = _images(40, 1, 8, 2), torch.randint(0, 3, (40,))
+    kw = {"steps": 8, "warmup_steps": 2, "augment": ("cutout",)}  # 3 + 3 + 2 steps
+    torch.manual_seed(0)
+    full = _train(_tiny_dropout_net(1, 3), [(x, y, 1.0)], **kw)
+    states = {}
+    torch.manual_seed(0)
+    _train(_tiny_dropout_net(1, 3), [(x, y, 1.0)], on_epoch=lambda e, loss, s: states.setdefault(e, s), **kw)
+    assert sorted(states) == [1, 2, 3] and states[1]["total_steps"] == 8
+    resumed = _train(_tiny_dropout_net(1, 3), [(x, y, 1.0)], resume=states[2], **kw)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="resume.*total_steps"):
+        _train(_tiny_dropout_net(1, 3), [(x, y, 1.0)], resume=states[1], steps=9, warmup_steps=2)
+    with pytest.raises(ValueError, match="give epochs or steps"):
+        C.train(_tiny_dropout_net(1, 3), [(x, y, 1.0)], padding=0, flip=False, seed=0, **PROTOCOL)
+
+
+def test_resume_accepts_a_checkpoint_from_before_total_steps_were_recorded():
+    sources, _ = _resume_case()
+    states = {}
+    _train(C.build("smallcnn", 1, 3, 8, width=4), sources, epochs=2, on_epoch=lambda e, loss, s: states.setdefault(e, s))
+    old = {k: v for k, v in states[1].items() if k not in ("total_steps", "warmup_steps")}
+    _train(C.build("smallcnn", 1, 3, 8, width=4), sources, epochs=2, resume=old)

@@ -268,9 +268,35 @@ def _takes_state(fn) -> bool:
     return len(required) >= 3 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
-def _snapshot(epoch: int, epochs: int, steps: int, model, opt, sched, gen, device) -> dict:
+def _plan(sources, batch_size: int, epochs: int | None, warmup_epochs: int, steps: int | None,
+          warmup_steps: int) -> dict:
+    """The run's shape: images per batch from each source, epochs, steps per epoch, total and warm-up steps.
+
+    An epoch is as many batches as the largest source needs to be seen once at its share. With `steps`
+    the run is that many optimiser steps whatever the data size (the last epoch cut short) with `warmup_steps`
+    of warm-up; without, `epochs` whole epochs with `warmup_epochs` of warm-up.
+
+    Raises:
+        ValueError: neither `epochs` nor `steps`, or a count below its minimum.
+    """
+    if steps is None and epochs is None:
+        raise ValueError("train: give epochs or steps")
+    if (steps is not None and steps < 1) or min(warmup_epochs, warmup_steps) < 0:
+        raise ValueError(f"train: steps must be >= 1 and warm-ups >= 0, got steps={steps}, "
+                         f"warmup_epochs={warmup_epochs}, warmup_steps={warmup_steps}")
+    per_batch = [max(1, round(batch_size * share)) for _, _, share in sources]
+    per_epoch = max(math.ceil(len(x) / k) for (x, _, _), k in zip(sources, per_batch))
+    total, warm = (epochs * per_epoch, warmup_epochs * per_epoch) if steps is None else (steps, warmup_steps)
+    return {"per_batch": per_batch, "epochs": math.ceil(total / per_epoch), "steps_per_epoch": per_epoch,
+            "total_steps": total, "warmup_steps": warm}
+
+
+_SHAPE = ("epochs", "steps_per_epoch", "total_steps", "warmup_steps")  # what a checkpoint must agree on
+
+
+def _snapshot(epoch: int, plan: dict, model, opt, sched, gen, device) -> dict:
     """Everything needed to continue after `epoch` completed epochs (copies, safe to keep or save)."""
-    state = {"epoch": epoch, "epochs": epochs, "steps_per_epoch": steps,
+    state = {"epoch": epoch, **{k: plan[k] for k in _SHAPE},
              "model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
              "scheduler": copy.deepcopy(sched.state_dict()), "generator": gen.get_state(),
              "torch_rng": torch.get_rng_state()}
@@ -279,11 +305,15 @@ def _snapshot(epoch: int, epochs: int, steps: int, model, opt, sched, gen, devic
     return state
 
 
-def _restore(state: dict, epochs: int, steps: int, model, opt, sched, gen, device) -> int:
-    """Load a `_snapshot` into the training objects; returns the epoch to continue from."""
-    if (state["epochs"], state["steps_per_epoch"]) != (epochs, steps):
-        raise ValueError(f"resume: checkpoint is for {state['epochs']} epochs x {state['steps_per_epoch']} steps, "
-                         f"this run has {epochs} x {steps}")
+def _restore(state: dict, plan: dict, model, opt, sched, gen, device) -> int:
+    """Load a `_snapshot` into the training objects; returns the epoch to continue from.
+
+    A checkpoint from before `total_steps` / `warmup_steps` were recorded is checked on what it has.
+    """
+    theirs = {k: state[k] for k in _SHAPE if k in state}
+    ours = {k: plan[k] for k in theirs}
+    if theirs != ours:
+        raise ValueError(f"resume: checkpoint is for {theirs}, this run has {ours}")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -294,14 +324,40 @@ def _restore(state: dict, epochs: int, steps: int, model, opt, sched, gen, devic
     return state["epoch"]
 
 
-def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, float]], *, epochs: int,
-          batch_size: int, optimizer: str, lr: float, momentum: float, weight_decay: float, warmup_epochs: int,
+def _batch(sources, per_batch: list[int], perms: list[torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` of an epoch: the next `per_batch[i]` images of each source in its order `perms[i]`."""
+    xs, ys = [], []
+    for (x, y, _), k, perm in zip(sources, per_batch, perms):
+        idx = perm[(torch.arange(k) + step * k) % len(x)]
+        xs.append(x[idx])
+        ys.append(y[idx])
+    return torch.cat(xs), torch.cat(ys)  # (B, C, H, W), (B,)
+
+
+def _loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, augment: tuple[str, ...], policy, mixes: list[str],
+          gen: torch.Generator, device) -> torch.Tensor:
+    """Cross-entropy of `model` on the cropped batch after the `augment` options (soft targets when mixed)."""
+    if policy is not None:
+        xb = apply_policy(xb, policy, gen)
+    if "cutout" in augment:
+        xb = cutout(xb, gen)
+    mixed = mix(xb, mixes, gen) if mixes else None
+    if mixed is None:
+        return F.cross_entropy(model(xb.to(device)), yb.to(device))
+    logits = model(mixed[0].to(device))  # (B, n_classes)
+    return F.cross_entropy(logits, soft_targets(yb.to(device), mixed[1], mixed[2], logits.shape[1]))
+
+
+def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, float]], *, epochs: int | None = None,
+          batch_size: int, optimizer: str, lr: float, momentum: float, weight_decay: float, warmup_epochs: int = 0,
           padding: int, flip: bool, seed: int, device="cpu", on_epoch=None, augment: tuple[str, ...] = (),
-          resume: dict | None = None) -> nn.Module:
+          resume: dict | None = None, steps: int | None = None, warmup_steps: int = 0) -> nn.Module:
     """Train on one or more (x, y, share) sources; each batch takes `share` of its images from each.
 
-    An epoch is as many batches as the largest source needs to be seen once at its share.
-    Schedule: linear warm-up then cosine decay to 0.1 % of lr (the paper's protocol).
+    An epoch is as many batches as the largest source needs to be seen once at its share. The run is
+    `epochs` epochs, or, given `steps`, exactly `steps` optimiser steps whatever the data size (the reference's
+    protocol: 50,000 steps, 1,000 warm-up steps); the last epoch is then cut short.
+    Schedule: linear warm-up then cosine decay to 0.1 % of lr over the whole run (the paper's protocol).
 
     Per batch: crop + flip (`padding`, `flip`), then the `augment` options in this order: AutoAugment /
     RandAugment / AugMix per image, cutout per image, MixUp or CutMix over the batch (the loss then takes
@@ -315,59 +371,48 @@ def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, floa
     Args:
         model: from `build`; trained in place on `device`.
         sources: (x (N, C, H, W) float, y (N,) int64, share of each batch).
-        epochs: total epochs, also when resuming.
+        epochs: total epochs, also when resuming; ignored when `steps` is given.
+        warmup_epochs: warm-up length in epochs (with `epochs`).
+        steps: total optimiser steps, also when resuming; None trains `epochs` epochs.
+        warmup_steps: warm-up length in optimiser steps (with `steps`).
         augment: names from `AUGMENTS`, combinable.
         on_epoch: called after each epoch as ``on_epoch(epoch, loss)`` (epoch counts from 1, loss of the last
             batch), or as ``on_epoch(epoch, loss, state)`` when its signature has a third positional parameter
             without default (or ``*args``); the state is only built then.
             `state` is a dict of copies (model, optimizer, LR scheduler, data generator and RNG states, the
-            epoch number) that can be kept or written with ``torch.save``.
+            epoch number) that can be kept or written with ``torch.save``; ``state["epochs"]`` is the number
+            of epochs of the run (with `steps`: ceil(steps / steps per epoch)), the last one needs no saving.
         resume: such a `state`; training continues from the epoch after it and ends with exactly the weights
             of an uninterrupted run (same arguments; on GPU only as far as its kernels are deterministic).
             `model` may be freshly built: its weights are replaced.
 
     Raises:
-        ValueError: unknown `augment` name, or `resume` from a run with other epochs / steps per epoch.
+        ValueError: unknown `augment` name; neither `epochs` nor `steps`; `resume` from a run of another shape
+            (epochs, steps per epoch, total or warm-up steps).
     """
     augment = check_augment(augment)
     policy, mixes = make_policy(augment), [a for a in augment if a in _MIXES]
+    plan = _plan(sources, batch_size, epochs, warmup_epochs, steps, warmup_steps)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device).train()
     opt = (torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum) if optimizer == "sgd"
            else torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr))
-    per_batch = [max(1, round(batch_size * share)) for _, _, share in sources]
-    steps_per_epoch = max(math.ceil(len(x) / k) for (x, _, _), k in zip(sources, per_batch))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch))
-    start = 0 if resume is None else _restore(resume, epochs, steps_per_epoch, model, opt, sched, gen, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan["total_steps"], plan["warmup_steps"]))
+    start = 0 if resume is None else _restore(resume, plan, model, opt, sched, gen, device)
     wants_state = on_epoch is not None and _takes_state(on_epoch)
-    for epoch in range(start, epochs):
+    per_epoch = plan["steps_per_epoch"]
+    for epoch in range(start, plan["epochs"]):
         perms = [torch.randperm(len(x), generator=gen) for x, _, _ in sources]
-        for step in range(steps_per_epoch):
-            xs, ys = [], []
-            for (x, y, _), k, perm in zip(sources, per_batch, perms):
-                idx = perm[(torch.arange(k) + step * k) % len(x)]
-                xs.append(x[idx])
-                ys.append(y[idx])
-            xb, yb = crop_flip(torch.cat(xs), padding, flip, gen), torch.cat(ys)  # (B, C, H, W), (B,)
-            if policy is not None:
-                xb = apply_policy(xb, policy, gen)
-            if "cutout" in augment:
-                xb = cutout(xb, gen)
-            mixed = mix(xb, mixes, gen) if mixes else None
-            if mixed is None:
-                loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
-            else:
-                logits = model(mixed[0].to(device))  # (B, n_classes)
-                loss = F.cross_entropy(logits, soft_targets(yb.to(device), mixed[1], mixed[2], logits.shape[1]))
+        for step in range(min(per_epoch, plan["total_steps"] - epoch * per_epoch)):
+            xb, yb = _batch(sources, plan["per_batch"], perms, step)
+            loss = _loss(model, crop_flip(xb, padding, flip, gen), yb, augment, policy, mixes, gen, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         if wants_state:
-            on_epoch(epoch + 1, loss.item(),
-                     _snapshot(epoch + 1, epochs, steps_per_epoch, model, opt, sched, gen, device))
+            on_epoch(epoch + 1, loss.item(), _snapshot(epoch + 1, plan, model, opt, sched, gen, device))
         elif on_epoch is not None:
             on_epoch(epoch + 1, loss.item())
     return model.eval()
