@@ -171,8 +171,10 @@ class Sample(_Section):
     checkpoints: list[int | Literal["final"]] = Field(
         ["final"], min_length=1, description="Embedding checkpoints (steps, or final) to sample from (paper: 1000, "
         "2000, 3000).")
-    guidance_scales: list[float] = Field([2.0], min_length=1, description="Classifier-free guidance scales (paper: 2; "
-                                         "studied 2, 3, 4).")
+    guidance_scales: list[float] = Field([2.0], min_length=1, description="Classifier-free guidance scales w in "
+                                         "eps_u + w (eps_c - eps_u), the convention of the reference code and "
+                                         "diffusers (1 = no guidance; reference code: 2.0; paper: 2, studied 2, 3, "
+                                         "4). The paper writes (1 + w) eps_c - w eps_u: its w is this w - 1.")
     samples_per_setting: int = Field(5, ge=1, description="Variants per embedding per (checkpoint, guidance); "
                                      "variants per embedding = checkpoints x guidance x this (paper: 45 in all).")
     noise: float = Field(0.1, ge=0, description="Gaussian perturbation strength lambda (paper: 0.1).")
