@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from thinair import augment as A
 from thinair import classifier as C
@@ -14,7 +16,23 @@ from thinair import classifier as C
 # Map side before global pooling at (8 px, 32 px): the small-image stems downsample by 8, VGG as far as
 # the image allows (8 px: 3 pools, 32 px: 5), SmallCNN by 4.
 POOLED_SIDE = {"smallcnn": (2, 8), "resnet18": (1, 4), "vgg16": (1, 1), "mobilenetv2": (1, 4),
-               "shufflenetv2": (1, 4), "efficientnet_b0": (1, 4)}
+               "shufflenetv2": (1, 4), "efficientnet_b0": (1, 2)}
+
+# Map side before the head (global pooling) at 32 / 96 / 256 px: the reference's stems per resolution
+# (total stride ResNet-18 8/16/32, VGG-16 32, MobileNetV2 and ShuffleNetV2 8/16/16, EfficientNet-B0 16).
+HEAD_SIDE = {"smallcnn": (8, 24, 64), "resnet18": (4, 6, 8), "vgg16": (1, 3, 8), "mobilenetv2": (4, 6, 16),
+             "shufflenetv2": (4, 6, 16), "efficientnet_b0": (2, 6, 16)}
+
+# Captured before the per-resolution stems existed: (state_dict digest, conv/pool layout digest) of
+# `C.build(*args, seed=0)`; the small-image networks must stay the same, bit for bit.
+SMALL_NETS = {
+    ("resnet18", 3, 10, 32): ("42a57b68b29a11a03a101e691e68a91230c44a222097be0cad5238a16dbdeceb",
+                              "52bd1a3e3d1205b411970dda8b7ca15027e9249a4af887866fc3a5e6a9ad99dc"),
+    ("resnet18", 1, 9, 28): ("25f78010adfba7a98206a9b900d15c36ba5a70147976fd1458c3e7c2cef92036",
+                             "52bd1a3e3d1205b411970dda8b7ca15027e9249a4af887866fc3a5e6a9ad99dc"),
+    ("smallcnn", 1, 10, 8): ("239bb9ca3e150c21245a38d72ed2df5ac69368cc9769c53c74c732bf097ad5e9",
+                             "cd14d78ab312211f6eae0d36cf102a8fd911f121beab36783724f1ad1125f99c"),
+}
 
 # Captured with the code before `augment` / `resume` existed (smallcnn, 8 px, 2 epochs, see `_default_run`):
 # sha256 of every batch the model saw, sum of all float state, first 4 stem weights, per-epoch losses.
@@ -89,6 +107,45 @@ def test_models_build_for_tiny_and_cifar_images(name):
         assert pooled == [pooled_side, pooled_side]
 
 
+def _side_before_head(net: nn.Module, side: int) -> int:
+    """Side of the feature map that the last pooling (global, right before the head) receives."""
+    seen = []
+    pool = [m for m in net.modules() if isinstance(m, nn.AdaptiveAvgPool2d)][-1]
+    pool.register_forward_hook(lambda m, i, o: seen.append((i[0].shape[-2:], o.shape[-2:])))
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 3, side, side))
+    (h, w), pooled = seen[0]
+    assert out.shape == (1, 4) and h == w and pooled == (1, 1)
+    return h
+
+
+@pytest.mark.parametrize("name", C.MODELS)
+def test_map_side_before_the_head_follows_the_reference_per_resolution(name):
+    sides = tuple(_side_before_head(C.build(name, 3, 4, side, seed=0), side) for side in (32, 96, 256))
+    assert sides == HEAD_SIDE[name]
+
+
+def _state_digest(net: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in net.state_dict().items():
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _layout_digest(net: nn.Module) -> str:
+    """Kernel, stride, padding of every conv and pool: what a state_dict does not show."""
+    rows = [(n, type(m).__name__, *(str(getattr(m, a, None)) for a in ("kernel_size", "stride", "padding", "output_size")))
+            for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d))]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("args", SMALL_NETS)
+def test_small_image_networks_are_unchanged_bit_for_bit(args):
+    net = C.build(*args, seed=0, **({"width": 16} if args[0] == "smallcnn" else {}))
+    assert (_state_digest(net), _layout_digest(net)) == SMALL_NETS[args]
+
+
 def test_unknown_model_raises_with_the_allowed_names():
     with pytest.raises(ValueError, match="efficientnet_b0"):
         C.build("alexnet", 3, 10, 32)
@@ -159,15 +216,20 @@ def test_policies_on_rgb_keep_shape_and_leave_global_rng_alone(name):
     assert torch.equal(A._from_uint8(A._to_uint8(x)), x)  # the uint8 round trip is exact
 
 
-def test_cutout_makes_one_half_side_hole_per_image():
-    x = torch.ones(32, 3, 8, 8)
+@pytest.mark.parametrize("side, hole_side", [(8, 3), (32, 11), (96, 34)])
+def test_cutout_hole_is_one_eighth_of_the_image_area(side, hole_side):
+    """The paper's "square region, sized at 1/8 of the input image", read as 1/8 of the area."""
+    x = torch.ones(64, 3, side, side)
     out = C.cutout(x, torch.Generator().manual_seed(0))
     holes = (out == 0).all(1)  # (B, H, W)
+    area = holes.sum((-2, -1))  # (B,)
     assert holes.any(-1).any(-1).all()  # every image has a hole
-    assert (holes.sum((-2, -1)) <= 16).all()  # at most 4x4
-    assert (holes.sum((-2, -1)) == 16).any()  # some lie fully inside
+    assert area.max() == hole_side ** 2  # the largest are whole squares...
+    assert abs(area.max() / side ** 2 - 1 / 8) < 0.025  # ...of about 1/8 of the image
     rows, cols = holes.any(-1).sum(-1), holes.any(-2).sum(-1)
-    assert torch.equal(holes.sum((-2, -1)), rows * cols)  # rectangles: one hole, clipped at the borders
+    assert (rows <= hole_side).all() and (cols <= hole_side).all()
+    assert torch.equal(area, rows * cols)  # rectangles: one hole, clipped at the borders
+    assert A.cutout_side(side, side) == hole_side
 
 
 @pytest.mark.parametrize("kind", ["mixup", "cutmix"])
@@ -232,3 +294,61 @@ def test_resume_of_another_run_length_raises():
     _train(C.build("smallcnn", 1, 3, 8), sources, epochs=2, on_epoch=lambda e, loss, s: states.setdefault(e, s))
     with pytest.raises(ValueError, match="resume"):
         _train(C.build("smallcnn", 1, 3, 8), sources, epochs=3, resume=states[1])
+
+
+def _count_steps(net, sources, **kw) -> tuple[list[float], list[tuple[int, int]]]:
+    """Train; returns the learning rate of every optimiser step and the (epoch, run's epochs) of each callback."""
+    lrs, epochs = [], []
+    hook = register_optimizer_step_post_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        _train(net, sources, on_epoch=lambda e, loss, state: epochs.append((e, state["epochs"])), **kw)
+    finally:
+        hook.remove()
+    return lrs, epochs
+
+
+@pytest.mark.parametrize("n, epochs", [(40, 4), (100, 2)])  # 3 and 7 batches of 16 per epoch
+def test_steps_train_a_fixed_number_of_optimiser_steps_whatever_the_data_size(n, epochs):
+    x, y = _data(n, 1, 8, 4, 0)
+    lrs, seen = _count_steps(C.build("smallcnn", 1, 4, 8, width=4), [(x, y, 1.0)], epochs=50, steps=10,
+                             warmup_steps=2)
+    assert len(lrs) == 10  # `epochs` is ignored
+    assert seen == [(e, epochs) for e in range(1, epochs + 1)]  # the last epoch is cut short
+    peak = PROTOCOL["lr"]
+    assert lrs[:3] == pytest.approx([peak * 0.001, peak * (0.001 + 0.999 / 2), peak])  # warm-up over 2 steps
+    assert lrs == pytest.approx([peak * C._lr_lambda(10, 2)(i) for i in range(10)])  # then cosine over the rest
+    assert all(a > b for a, b in itertools.pairwise(lrs[2:]))
+
+
+def test_steps_equal_to_whole_epochs_give_the_epoch_run():
+    x, y = _data(40, 1, 8, 4, 0)  # 3 steps per epoch
+    by_epochs = _train(C.build("smallcnn", 1, 4, 8, width=4), [(x, y, 1.0)], epochs=2)  # warm-up 1 epoch
+    by_steps = _train(C.build("smallcnn", 1, 4, 8, width=4), [(x, y, 1.0)], steps=6, warmup_steps=3)
+    for (k, a), b in zip(by_epochs.state_dict().items(), by_steps.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_steps_resume_mid_run_gives_the_uninterrupted_weights():
+    x, y = _images(40, 1, 8, 2), torch.randint(0, 3, (40,))
+    kw = {"steps": 8, "warmup_steps": 2, "augment": ("cutout",)}  # 3 + 3 + 2 steps
+    torch.manual_seed(0)
+    full = _train(_tiny_dropout_net(1, 3), [(x, y, 1.0)], **kw)
+    states = {}
+    torch.manual_seed(0)
+    _train(_tiny_dropout_net(1, 3), [(x, y, 1.0)], on_epoch=lambda e, loss, s: states.setdefault(e, s), **kw)
+    assert sorted(states) == [1, 2, 3] and states[1]["total_steps"] == 8
+    resumed = _train(_tiny_dropout_net(1, 3), [(x, y, 1.0)], resume=states[2], **kw)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="resume.*total_steps"):
+        _train(_tiny_dropout_net(1, 3), [(x, y, 1.0)], resume=states[1], steps=9, warmup_steps=2)
+    with pytest.raises(ValueError, match="give epochs or steps"):
+        C.train(_tiny_dropout_net(1, 3), [(x, y, 1.0)], padding=0, flip=False, seed=0, **PROTOCOL)
+
+
+def test_resume_accepts_a_checkpoint_from_before_total_steps_were_recorded():
+    sources, _ = _resume_case()
+    states = {}
+    _train(C.build("smallcnn", 1, 3, 8, width=4), sources, epochs=2, on_epoch=lambda e, loss, s: states.setdefault(e, s))
+    old = {k: v for k, v in states[1].items() if k not in ("total_steps", "warmup_steps")}
+    _train(C.build("smallcnn", 1, 3, 8, width=4), sources, epochs=2, resume=old)

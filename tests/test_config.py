@@ -32,11 +32,20 @@ def test_shipped_params_are_valid_and_name_every_stage():
     ({"sampel": {}}, "sampel: unknown key"),
     ({"sample": {"checkpoints": [150]}, "invert": {"steps": 300, "checkpoint_every": 100}}, "step 150 is not saved"),
     ({"sample": {"scheduler": "magic"}}, "sample.scheduler"),
+    ({"cas": {"steps": 0}}, "cas.steps"),
+    ({"cas": {"steps": 500}}, "cas.warmup_steps=1000 exceeds cas.steps=500"),
 ])
 def test_bad_params_name_the_key(raw, needle):
     with pytest.raises(ParamsError) as err:
         parse_params(raw, "params.yaml")
     assert needle in str(err.value)
+
+
+def test_cas_steps_default_to_epochs_and_take_a_warmup():
+    assert parse_params({}).cas.steps is None  # epoch-based training, as before
+    cas = parse_params({"cas": {"steps": 50000}}).cas
+    assert (cas.steps, cas.warmup_steps) == (50000, 1000)  # the reference code's protocol
+    assert parse_params({"cas": {"steps": 10, "warmup_steps": 10}}).cas.warmup_steps == 10
 
 
 def test_unknown_key_lists_allowed_keys():

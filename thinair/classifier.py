@@ -4,16 +4,35 @@ Models (`MODELS`, built by `build`), all from torchvision definitions with ``wei
 `smallcnn`:
 
 * ``smallcnn`` suits tiny images (digits 8 px, MedMNIST 28 px).
-* ``resnet18``: ResNet-18 with the CIFAR stem (3x3 conv stride 1, no max-pool) for images <= 64 px, as in
-  the paper's protocol.
+* ``resnet18``: ResNet-18 (the paper's classifier).
 * ``vgg16``: ``vgg16_bn`` (the batch-norm variant: plain VGG-16 barely trains from scratch with SGD 0.1).
 * ``mobilenetv2``, ``shufflenetv2`` (x1.0), ``efficientnet_b0``.
 
-For images <= 64 px every torchvision model gets a CIFAR-style stem: the first conv has stride 1, the early
-max-pool is dropped, and (MobileNetV2, EfficientNet-B0) the first stride-2 stage keeps stride 1, so the
-total downsampling is 8 instead of 32. VGG drops its earliest max-pools until the last feature map is at
-least 1x1 (8 px: 3 pools left, 28 px: 4, 32 px: all 5) and ends in global average pooling + one linear
-layer. Every model exposes ``features(x) -> (B, feature_dim)`` and ``forward(x) = head(features(x))``.
+Stems follow the Diffusion Inversion reference (``src/models/*.py`` of yongchao97/diffusion_inversion, built by
+``get_network`` in ``src/train_net.py`` with ``resolution`` 28/32 for MedMNIST/CIFAR, 96 for STL-10, 256 for
+ImageNette). Its ResNet switches on the exact resolution; its other models take no resolution. We map any
+size onto its three tiers: <= 64 px (`SMALL`, the reference's 28/32 px), 65..128 px (`MEDIUM`, its 96 px) and
+larger (its 256 px). Total downsampling (map side before global pooling at 32 / 96 / 256 px):
+
+* ResNet-18 (``resnet.py`` lines 80-92, 112-113): <= 64 px 3x3 stride-1 conv, no max-pool (x8: 4); 65..128
+  px torchvision's 7x7 stride-2 conv but no max-pool (x16: 6); larger the full torchvision stem, 7x7
+  stride 2 + 3x3 stride-2 max-pool (x32: 8).
+* VGG-16 (``vgg.py``): every size ends in global average pooling + one linear layer on 512 features (the
+  reference's ``AdaptiveAvgPool2d((1, 1))`` + ``Linear(512, n)``, not torchvision's 7x7 pool + 4096-wide MLP);
+  all five max-pools (x32: 1 / 3 / 8), except that images too small for them drop the earliest ones until the
+  last map is at least 1x1 (8 px: 3 pools left, 28 px: 4).
+* MobileNetV2 (``mobilenetv2.py`` lines 42-54): the stem conv has stride 1 at every size; the first 24-channel
+  block keeps stride 1 at <= 64 px (the file's commented "change stride 2 -> 1 for CIFAR10" line) and stride
+  2 above (the line "change for STL10" that the file runs): x8 / x16 / x16: 4 / 6 / 16.
+* ShuffleNetV2 (``shufflenetv2.py`` lines 102-123): stem conv stride 1 at every size; no max-pool at <= 64 px
+  (as in the CIFAR original the reference edited, kuangliu/pytorch-cifar, where that line is commented out),
+  the 3x3 stride-2 max-pool above (the reference's line 123): x8 / x16 / x16: 4 / 6 / 16. (The reference
+  builds width x0.5; we keep x1.0.)
+* EfficientNet-B0 (``efficientnet.py`` lines 111-116, 160): stem conv stride 1, stage strides as torchvision
+  (1, 2, 2, 2, 1, 2, 1) at every size: x16: 2 / 6 / 16.
+
+The reference's ResNet at 28 px pads its 3x3 stem by 3 (a 32x32 map); we keep padding 1 at every small size.
+Every model exposes ``features(x) -> (B, feature_dim)`` and ``forward(x) = head(features(x))``.
 """
 from __future__ import annotations
 
@@ -31,7 +50,8 @@ from thinair.augment import (  # noqa: F401 - re-exported: the augmentations bel
     _MIXES, AUGMENTS, apply_policy, check_augment, crop_flip, cutout, make_policy, mix, soft_targets,
 )
 
-SMALL = 64  # images up to this side get the CIFAR-style stem
+SMALL = 64  # images up to this side: the reference's CIFAR / MedMNIST stems (28, 32 px)
+MEDIUM = 128  # up to this side: its STL-10 stems (96 px); larger: its ImageNette stems (256 px)
 
 
 class SmallCNN(nn.Module):
@@ -55,16 +75,20 @@ class SmallCNN(nn.Module):
 
 
 class ResNet18(nn.Module):
+    """torchvision's ResNet-18 with the reference's stem for `image_size` (see the module docstring)."""
+
     def __init__(self, in_ch: int, n_classes: int, image_size: int):
         super().__init__()
         from torchvision.models import resnet18
 
         net = resnet18(weights=None, num_classes=n_classes)
-        if image_size <= SMALL:  # CIFAR-style stem
+        if image_size <= SMALL:  # CIFAR stem: 3x3 stride 1, no max-pool
             net.conv1 = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
             net.maxpool = nn.Identity()
         elif in_ch != 3:
             net.conv1 = nn.Conv2d(in_ch, 64, 7, 2, 3, bias=False)
+        if SMALL < image_size <= MEDIUM:  # the reference's 96 px stem: 7x7 stride 2, no max-pool
+            net.maxpool = nn.Identity()
         self.head = net.fc
         net.fc = nn.Identity()
         self.body = net
@@ -91,8 +115,8 @@ class Net(nn.Module):
         return self.head(self.features(x))  # (B, n_classes)
 
 
-def _stem(conv: nn.Conv2d, in_ch: int, small: bool, kaiming: bool) -> nn.Conv2d:
-    """The first conv for `in_ch` input channels, with stride 1 when `small`.
+def _stem(conv: nn.Conv2d, in_ch: int, stride1: bool, kaiming: bool) -> nn.Conv2d:
+    """The first conv for `in_ch` input channels, with stride 1 when `stride1`.
 
     A new conv (initialised like torchvision does for that model when `kaiming`) replaces `conv` when the
     channel count changes; otherwise only the stride changes, which leaves the weights as built.
@@ -104,7 +128,7 @@ def _stem(conv: nn.Conv2d, in_ch: int, small: bool, kaiming: bool) -> nn.Conv2d:
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
-    if small:
+    if stride1:
         conv.stride = (1, 1)
     return conv
 
@@ -126,56 +150,51 @@ def _pools_that_fit(image_size: int, n: int) -> int:
 
 
 def _vgg16(in_ch: int, n_classes: int, image_size: int) -> Net:
+    """vgg16_bn features (max-pools that fit) + global average pooling + one linear layer, at every size."""
     from torchvision.models import vgg16_bn
 
-    net = vgg16_bn(weights=None, num_classes=n_classes)
-    feats = net.features
+    feats = vgg16_bn(weights=None, num_classes=n_classes).features
     feats[0] = _stem(feats[0], in_ch, False, kaiming=True)  # already 3x3 stride 1
     pools = [i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)]
     for i in pools[:len(pools) - _pools_that_fit(image_size, len(pools))]:  # drop the earliest ones
         feats[i] = nn.Identity()
-    if image_size <= SMALL:
-        head = nn.Linear(512, n_classes)
-        nn.init.normal_(head.weight, 0, 0.01)  # torchvision's VGG init for linear layers
-        nn.init.zeros_(head.bias)
-        return Net(nn.Sequential(feats, nn.AdaptiveAvgPool2d(1), nn.Flatten()), head, 512)
-    body = nn.Sequential(feats, net.avgpool, nn.Flatten(), *net.classifier[:-1])  # (B, 4096)
-    return Net(body, net.classifier[-1], 4096)
+    head = nn.Linear(512, n_classes)
+    nn.init.normal_(head.weight, 0, 0.01)  # torchvision's VGG init for linear layers
+    nn.init.zeros_(head.bias)
+    return Net(nn.Sequential(feats, nn.AdaptiveAvgPool2d(1), nn.Flatten()), head, 512)  # (B, 512)
 
 
 def _mobilenetv2(in_ch: int, n_classes: int, image_size: int) -> Net:
+    """torchvision's MobileNetV2 with a stride-1 stem; the first 24-channel block unstrided up to `SMALL`."""
     from torchvision.models import mobilenet_v2
 
     net = mobilenet_v2(weights=None, num_classes=n_classes)
-    small = image_size <= SMALL
-    net.features[0][0] = _stem(net.features[0][0], in_ch, small, kaiming=True)
-    if small:
-        _unstride(net.features[2])  # first 24-channel block: total stride 32 -> 8
+    net.features[0][0] = _stem(net.features[0][0], in_ch, True, kaiming=True)
+    if image_size <= SMALL:
+        _unstride(net.features[2])  # first 24-channel block: total stride 16 -> 8
     body = nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return Net(body, net.classifier, net.last_channel)
 
 
 def _shufflenetv2(in_ch: int, n_classes: int, image_size: int) -> Net:
+    """torchvision's ShuffleNetV2 x1.0 with a stride-1 stem; its max-pool only above `SMALL`."""
     from torchvision.models import shufflenet_v2_x1_0
 
     net = shufflenet_v2_x1_0(weights=None, num_classes=n_classes)
-    small = image_size <= SMALL
-    net.conv1[0] = _stem(net.conv1[0], in_ch, small, kaiming=False)  # torchvision keeps default init here
-    if small:
-        net.maxpool = nn.Identity()  # total stride 32 -> 8
+    net.conv1[0] = _stem(net.conv1[0], in_ch, True, kaiming=False)  # torchvision keeps default init here
+    if image_size <= SMALL:
+        net.maxpool = nn.Identity()  # total stride 16 -> 8
     body = nn.Sequential(net.conv1, net.maxpool, net.stage2, net.stage3, net.stage4, net.conv5,
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return Net(body, net.fc, net.fc.in_features)
 
 
 def _efficientnet_b0(in_ch: int, n_classes: int, image_size: int) -> Net:
+    """torchvision's EfficientNet-B0 with a stride-1 stem (total stride 16) at every `image_size`."""
     from torchvision.models import efficientnet_b0
 
     net = efficientnet_b0(weights=None, num_classes=n_classes)
-    small = image_size <= SMALL
-    net.features[0][0] = _stem(net.features[0][0], in_ch, small, kaiming=True)
-    if small:
-        _unstride(net.features[2])  # first 24-channel stage: total stride 32 -> 8
+    net.features[0][0] = _stem(net.features[0][0], in_ch, True, kaiming=True)
     body = nn.Sequential(net.features, net.avgpool, nn.Flatten())
     return Net(body, net.classifier, net.classifier[-1].in_features)
 
@@ -198,7 +217,7 @@ def build(name: str, in_ch: int, n_classes: int, image_size: int, seed: int = 0,
         name: one of `MODELS`.
         in_ch: image channels (1 or 3).
         n_classes: number of logits.
-        image_size: image side in px; <= 64 selects the small-image stem (works down to 8 px).
+        image_size: image side in px; selects the stem (`SMALL`, `MEDIUM`; works down to 8 px).
         seed: seeds torch's global RNG before the weights are drawn.
         width: channel width of `smallcnn` (its features are 4 x width); ignored by the torchvision models.
 
@@ -249,9 +268,35 @@ def _takes_state(fn) -> bool:
     return len(required) >= 3 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
-def _snapshot(epoch: int, epochs: int, steps: int, model, opt, sched, gen, device) -> dict:
+def _plan(sources, batch_size: int, epochs: int | None, warmup_epochs: int, steps: int | None,
+          warmup_steps: int) -> dict:
+    """The run's shape: images per batch from each source, epochs, steps per epoch, total and warm-up steps.
+
+    An epoch is as many batches as the largest source needs to be seen once at its share. With `steps`
+    the run is that many optimiser steps whatever the data size (the last epoch cut short) with `warmup_steps`
+    of warm-up; without, `epochs` whole epochs with `warmup_epochs` of warm-up.
+
+    Raises:
+        ValueError: neither `epochs` nor `steps`, or a count below its minimum.
+    """
+    if steps is None and epochs is None:
+        raise ValueError("train: give epochs or steps")
+    if (steps is not None and steps < 1) or min(warmup_epochs, warmup_steps) < 0:
+        raise ValueError(f"train: steps must be >= 1 and warm-ups >= 0, got steps={steps}, "
+                         f"warmup_epochs={warmup_epochs}, warmup_steps={warmup_steps}")
+    per_batch = [max(1, round(batch_size * share)) for _, _, share in sources]
+    per_epoch = max(math.ceil(len(x) / k) for (x, _, _), k in zip(sources, per_batch))
+    total, warm = (epochs * per_epoch, warmup_epochs * per_epoch) if steps is None else (steps, warmup_steps)
+    return {"per_batch": per_batch, "epochs": math.ceil(total / per_epoch), "steps_per_epoch": per_epoch,
+            "total_steps": total, "warmup_steps": warm}
+
+
+_SHAPE = ("epochs", "steps_per_epoch", "total_steps", "warmup_steps")  # what a checkpoint must agree on
+
+
+def _snapshot(epoch: int, plan: dict, model, opt, sched, gen, device) -> dict:
     """Everything needed to continue after `epoch` completed epochs (copies, safe to keep or save)."""
-    state = {"epoch": epoch, "epochs": epochs, "steps_per_epoch": steps,
+    state = {"epoch": epoch, **{k: plan[k] for k in _SHAPE},
              "model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
              "scheduler": copy.deepcopy(sched.state_dict()), "generator": gen.get_state(),
              "torch_rng": torch.get_rng_state()}
@@ -260,11 +305,15 @@ def _snapshot(epoch: int, epochs: int, steps: int, model, opt, sched, gen, devic
     return state
 
 
-def _restore(state: dict, epochs: int, steps: int, model, opt, sched, gen, device) -> int:
-    """Load a `_snapshot` into the training objects; returns the epoch to continue from."""
-    if (state["epochs"], state["steps_per_epoch"]) != (epochs, steps):
-        raise ValueError(f"resume: checkpoint is for {state['epochs']} epochs x {state['steps_per_epoch']} steps, "
-                         f"this run has {epochs} x {steps}")
+def _restore(state: dict, plan: dict, model, opt, sched, gen, device) -> int:
+    """Load a `_snapshot` into the training objects; returns the epoch to continue from.
+
+    A checkpoint from before `total_steps` / `warmup_steps` were recorded is checked on what it has.
+    """
+    theirs = {k: state[k] for k in _SHAPE if k in state}
+    ours = {k: plan[k] for k in theirs}
+    if theirs != ours:
+        raise ValueError(f"resume: checkpoint is for {theirs}, this run has {ours}")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -275,14 +324,40 @@ def _restore(state: dict, epochs: int, steps: int, model, opt, sched, gen, devic
     return state["epoch"]
 
 
-def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, float]], *, epochs: int,
-          batch_size: int, optimizer: str, lr: float, momentum: float, weight_decay: float, warmup_epochs: int,
+def _batch(sources, per_batch: list[int], perms: list[torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` of an epoch: the next `per_batch[i]` images of each source in its order `perms[i]`."""
+    xs, ys = [], []
+    for (x, y, _), k, perm in zip(sources, per_batch, perms):
+        idx = perm[(torch.arange(k) + step * k) % len(x)]
+        xs.append(x[idx])
+        ys.append(y[idx])
+    return torch.cat(xs), torch.cat(ys)  # (B, C, H, W), (B,)
+
+
+def _loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, augment: tuple[str, ...], policy, mixes: list[str],
+          gen: torch.Generator, device) -> torch.Tensor:
+    """Cross-entropy of `model` on the cropped batch after the `augment` options (soft targets when mixed)."""
+    if policy is not None:
+        xb = apply_policy(xb, policy, gen)
+    if "cutout" in augment:
+        xb = cutout(xb, gen)
+    mixed = mix(xb, mixes, gen) if mixes else None
+    if mixed is None:
+        return F.cross_entropy(model(xb.to(device)), yb.to(device))
+    logits = model(mixed[0].to(device))  # (B, n_classes)
+    return F.cross_entropy(logits, soft_targets(yb.to(device), mixed[1], mixed[2], logits.shape[1]))
+
+
+def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, float]], *, epochs: int | None = None,
+          batch_size: int, optimizer: str, lr: float, momentum: float, weight_decay: float, warmup_epochs: int = 0,
           padding: int, flip: bool, seed: int, device="cpu", on_epoch=None, augment: tuple[str, ...] = (),
-          resume: dict | None = None) -> nn.Module:
+          resume: dict | None = None, steps: int | None = None, warmup_steps: int = 0) -> nn.Module:
     """Train on one or more (x, y, share) sources; each batch takes `share` of its images from each.
 
-    An epoch is as many batches as the largest source needs to be seen once at its share.
-    Schedule: linear warm-up then cosine decay to 0.1 % of lr (the paper's protocol).
+    An epoch is as many batches as the largest source needs to be seen once at its share. The run is
+    `epochs` epochs, or, given `steps`, exactly `steps` optimiser steps whatever the data size (the reference's
+    protocol: 50,000 steps, 1,000 warm-up steps); the last epoch is then cut short.
+    Schedule: linear warm-up then cosine decay to 0.1 % of lr over the whole run (the paper's protocol).
 
     Per batch: crop + flip (`padding`, `flip`), then the `augment` options in this order: AutoAugment /
     RandAugment / AugMix per image, cutout per image, MixUp or CutMix over the batch (the loss then takes
@@ -296,59 +371,48 @@ def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, floa
     Args:
         model: from `build`; trained in place on `device`.
         sources: (x (N, C, H, W) float, y (N,) int64, share of each batch).
-        epochs: total epochs, also when resuming.
+        epochs: total epochs, also when resuming; ignored when `steps` is given.
+        warmup_epochs: warm-up length in epochs (with `epochs`).
+        steps: total optimiser steps, also when resuming; None trains `epochs` epochs.
+        warmup_steps: warm-up length in optimiser steps (with `steps`).
         augment: names from `AUGMENTS`, combinable.
         on_epoch: called after each epoch as ``on_epoch(epoch, loss)`` (epoch counts from 1, loss of the last
             batch), or as ``on_epoch(epoch, loss, state)`` when its signature has a third positional parameter
             without default (or ``*args``); the state is only built then.
             `state` is a dict of copies (model, optimizer, LR scheduler, data generator and RNG states, the
-            epoch number) that can be kept or written with ``torch.save``.
+            epoch number) that can be kept or written with ``torch.save``; ``state["epochs"]`` is the number
+            of epochs of the run (with `steps`: ceil(steps / steps per epoch)), the last one needs no saving.
         resume: such a `state`; training continues from the epoch after it and ends with exactly the weights
             of an uninterrupted run (same arguments; on GPU only as far as its kernels are deterministic).
             `model` may be freshly built: its weights are replaced.
 
     Raises:
-        ValueError: unknown `augment` name, or `resume` from a run with other epochs / steps per epoch.
+        ValueError: unknown `augment` name; neither `epochs` nor `steps`; `resume` from a run of another shape
+            (epochs, steps per epoch, total or warm-up steps).
     """
     augment = check_augment(augment)
     policy, mixes = make_policy(augment), [a for a in augment if a in _MIXES]
+    plan = _plan(sources, batch_size, epochs, warmup_epochs, steps, warmup_steps)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device).train()
     opt = (torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum) if optimizer == "sgd"
            else torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr))
-    per_batch = [max(1, round(batch_size * share)) for _, _, share in sources]
-    steps_per_epoch = max(math.ceil(len(x) / k) for (x, _, _), k in zip(sources, per_batch))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch))
-    start = 0 if resume is None else _restore(resume, epochs, steps_per_epoch, model, opt, sched, gen, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan["total_steps"], plan["warmup_steps"]))
+    start = 0 if resume is None else _restore(resume, plan, model, opt, sched, gen, device)
     wants_state = on_epoch is not None and _takes_state(on_epoch)
-    for epoch in range(start, epochs):
+    per_epoch = plan["steps_per_epoch"]
+    for epoch in range(start, plan["epochs"]):
         perms = [torch.randperm(len(x), generator=gen) for x, _, _ in sources]
-        for step in range(steps_per_epoch):
-            xs, ys = [], []
-            for (x, y, _), k, perm in zip(sources, per_batch, perms):
-                idx = perm[(torch.arange(k) + step * k) % len(x)]
-                xs.append(x[idx])
-                ys.append(y[idx])
-            xb, yb = crop_flip(torch.cat(xs), padding, flip, gen), torch.cat(ys)  # (B, C, H, W), (B,)
-            if policy is not None:
-                xb = apply_policy(xb, policy, gen)
-            if "cutout" in augment:
-                xb = cutout(xb, gen)
-            mixed = mix(xb, mixes, gen) if mixes else None
-            if mixed is None:
-                loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
-            else:
-                logits = model(mixed[0].to(device))  # (B, n_classes)
-                loss = F.cross_entropy(logits, soft_targets(yb.to(device), mixed[1], mixed[2], logits.shape[1]))
+        for step in range(min(per_epoch, plan["total_steps"] - epoch * per_epoch)):
+            xb, yb = _batch(sources, plan["per_batch"], perms, step)
+            loss = _loss(model, crop_flip(xb, padding, flip, gen), yb, augment, policy, mixes, gen, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         if wants_state:
-            on_epoch(epoch + 1, loss.item(),
-                     _snapshot(epoch + 1, epochs, steps_per_epoch, model, opt, sched, gen, device))
+            on_epoch(epoch + 1, loss.item(), _snapshot(epoch + 1, plan, model, opt, sched, gen, device))
         elif on_epoch is not None:
             on_epoch(epoch + 1, loss.item())
     return model.eval()

@@ -168,8 +168,10 @@ class Sample(_Section):
     checkpoints: list[int | Literal["final"]] = Field(
         ["final"], min_length=1, description="Embedding checkpoints (steps, or final) to sample from (paper: 1000, "
         "2000, 3000).")
-    guidance_scales: list[float] = Field([2.0], min_length=1, description="Classifier-free guidance scales (paper: 2; "
-                                         "studied 2, 3, 4).")
+    guidance_scales: list[float] = Field([2.0], min_length=1, description="Classifier-free guidance scales w in "
+                                         "eps_u + w (eps_c - eps_u), the convention of the reference code and "
+                                         "diffusers (1 = no guidance; reference code: 2.0; paper: 2, studied 2, 3, "
+                                         "4). The paper writes (1 + w) eps_c - w eps_u: its w is this w - 1.")
     samples_per_setting: int = Field(5, ge=1, description="Variants per embedding per (checkpoint, guidance); "
                                      "variants per embedding = checkpoints x guidance x this (paper: 45 in all).")
     noise: float = Field(0.1, ge=0, description="Gaussian perturbation strength lambda (paper: 0.1).")
@@ -249,6 +251,11 @@ class Cas(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (paper: 0.9).")
     weight_decay: float = Field(5e-4, ge=0, description="Weight decay (paper: 5e-4).")
     warmup_epochs: int = Field(1, ge=0, description="Linear warm-up from 0.1 % of lr, then cosine to 0.1 %.")
+    steps: int | None = Field(None, ge=1, description="Train every mode for exactly this many optimiser steps, "
+                              "whatever its train set size (reference code: 50000 at batch 128), warm-up + cosine "
+                              "over them; replaces epochs and warmup_epochs. null = train cas.epochs epochs.")
+    warmup_steps: int = Field(1000, ge=0, description="Warm-up in optimiser steps when cas.steps is set (reference "
+                              "code: 1000); ignored otherwise.")
     crop_padding: int = Field(4, ge=0, description="Random-crop padding in px (paper: 4 at 32 px).")
     flip: bool = Field(True, description="Random horizontal flip (paper: on; off for digits).")
     real_fraction: float = Field(0.5, gt=0, lt=1, description="Share of real images per batch in real+synthetic "
@@ -264,6 +271,13 @@ class Cas(_Section):
     scale_real: list[float] = Field([0.1, 0.25, 0.5, 1.0], description="Scaling study: CAS using the embeddings "
                                     "of this fraction of the real train images (synthetic-only, and real-only on "
                                     "the same images); [] = off.")
+
+    @model_validator(mode="after")
+    def _warmup(self) -> Cas:
+        if self.steps is not None and self.warmup_steps > self.steps:
+            raise ValueError(f"cas.warmup_steps={self.warmup_steps} exceeds cas.steps={self.steps}; lower it "
+                             "(reference code: 1000 of 50000)")
+        return self
 
     @field_validator("scale_real")
     @classmethod
