@@ -20,8 +20,8 @@ from thinair.devices import current_device
 from thinair.units import Checkpoint, cached, code_key, content_key
 
 # The fields of `cas` that change a training's result (seeds/modes/scaling lists only choose which to run).
-TRAIN_FIELDS = ("model", "width", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-                "warmup_epochs", "crop_padding", "flip", "augment")
+TRAIN_FIELDS = ("model", "width", "epochs", "steps", "warmup_steps", "batch_size", "optimizer", "lr", "momentum",
+                "weight_decay", "warmup_epochs", "crop_padding", "flip", "augment")
 log = logging.getLogger(__name__)
 _TRAIN_LOCK = threading.Lock()  # trainings seed torch's global RNG: one at a time per process, so threads can't mix
 
@@ -43,15 +43,16 @@ def train_and_test(params, tag: str, seed: int, sources: list[tuple[np.ndarray, 
         log.info("cas %s seed %d: resuming after epoch %d", tag, seed, int(resume["epoch"]))
 
     def on_epoch(epoch, loss, state):
-        log.info("cas %s seed %d: epoch %d/%d loss %.4f", tag, seed, epoch, p.epochs, loss)
-        if epoch < p.epochs:
+        log.info("cas %s seed %d: epoch %d/%d loss %.4f", tag, seed, epoch, state["epochs"], loss)
+        if epoch < state["epochs"]:
             work.save(state)
 
     h, _, c = sources[0][0].shape[1:]
     with _TRAIN_LOCK:
         net = classifier.build(p.model, c, n_classes, h, seed, p.width)
         classifier.train(net, [(classifier.to_tensor(x), torch.from_numpy(y), share) for x, y, share in sources],
-                         epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer, lr=p.lr,
+                         epochs=p.epochs, steps=p.steps, warmup_steps=p.warmup_steps, batch_size=p.batch_size,
+                         optimizer=p.optimizer, lr=p.lr,
                          momentum=p.momentum, weight_decay=p.weight_decay, warmup_epochs=p.warmup_epochs,
                          padding=p.crop_padding, flip=p.flip, augment=tuple(p.augment), seed=seed,
                          device=current_device(params.base), resume=resume, on_epoch=on_epoch)
