@@ -35,3 +35,13 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (task, pool) of a train split: a stratified, deterministic `fraction` of every class is held out as
+    the *pool* a generator may be pretrained on (``pretrain.pool: holdout``), the rest is what the task may use
+    (``ingest.holdout_fraction``). The two never share an index; with fraction 0 the pool is empty."""
+    if fraction <= 0:
+        return np.arange(len(labels)), np.arange(0)
+    task, pool = stratified_split(labels, fraction, seed)
+    return task, pool
