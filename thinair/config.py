@@ -80,7 +80,21 @@ class Ingest(_Section):
 
 class Pretrain(_Section):
     """The embedded generator. Independent of `base`: switching base.dataset never retrains it."""
-    dataset: Literal["digits"] = Field("digits", description="Trained on this dataset's train split only.")
+    dataset: str = Field("digits", description="Trained on this dataset's train split only (never its test split): "
+                         "any base.dataset spec (digits, a torchvision or MedMNIST name, folder:<path>), grey or "
+                         "colour; folders and EuroSAT are split with ingest.test_fraction's default (0.2).")
+    data_root: str = Field("~/.cache/thinair/datasets", description="Where pretrain.dataset is read from / "
+                           "downloaded to.")
+    download: bool = Field(True, description="Try to download a missing pretrain.dataset (torchvision / MedMNIST).")
+    pool: Literal["all", "holdout"] = Field(
+        "all", description="Images trained on: all = the dataset's whole train split; holdout = only the pool part "
+        "of the stratified split rawdata.holdout_split(train labels, pretrain.holdout_fraction), disjoint from the "
+        "task part ingest.holdout_fraction keeps (train_log.json lists the pool's image sha256).")
+    holdout_fraction: float = Field(0.5, gt=0, lt=1, description="pool holdout: share of every class of the train "
+                                    "split held out as the pretraining pool (ignored with pool all).")
+    labels: bool = Field(True, description="Class-conditional: learned class tokens with label dropout to a learned "
+                         "null context (saved as class_tokens.safetensors); false = unconditional, every step uses "
+                         "the null context and no class tokens are saved.")
     output: str = Field("generators/tiny-digits", description="Directory the generator is saved to.")
     resolution: int = Field(16, ge=8, le=256, description="Image resolution the generator is trained at (px).")
     seed: int = Field(0, ge=0, description="Seed of the generator's training.")
@@ -92,8 +106,11 @@ class Pretrain(_Section):
     kl_weight: float = Field(1e-4, ge=0, description="Weight of the VAE's KL term.")
     num_tokens: int = Field(4, ge=1, description="Class-conditioning tokens.")
     cross_attention_dim: int = Field(64, ge=8, description="Conditioning width (SD v1: 768).")
-    vae_channels: list[int] = Field([16, 32, 64], min_length=2, description="VAE block widths; factor 2^(n-1).")
-    unet_channels: list[int] = Field([32, 64], min_length=2, description="UNet block widths.")
+    vae_channels: list[int] | None = Field(None, min_length=2, description="VAE block widths; factor 2^(n-1). "
+                                           "null = sized from pretrain.resolution: factor 4 (3 levels) up to 32 px, "
+                                           "8 (4 levels) above; 16 px: [16, 32, 64].")
+    unet_channels: list[int] | None = Field(None, min_length=2, description="UNet block widths; null = sized from "
+                                            "pretrain.resolution (16 px: [32, 64]).")
     label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of steps trained on the null context.")
     immiscible: Literal["off", "assign", "knn"] = Field(
         "off", description="Immiscible noise pairing (seed 004): off | assign (linear assignment of the batch's "

@@ -5,6 +5,7 @@ the other's module for it.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,3 +46,11 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[n
         return np.arange(len(labels)), np.arange(0)
     task, pool = stratified_split(labels, fraction, seed)
     return task, pool
+
+
+def image_hashes(images) -> list[str]:
+    """Hex sha256 of every image's uint8 bytes (``np.ascontiguousarray(img).tobytes()``), in the images' order.
+
+    What pretrain records of its pool (``train_log.json``) and what the task side compares against it, so the two
+    are shown disjoint by content, not only by index."""
+    return [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images]
