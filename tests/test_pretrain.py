@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from thinair import io
-from thinair.config import parse_params
+from thinair.config import ParamsError, parse_params
 from thinair.generator import load_generator
 from thinair.tasks.pretrain import pretrain
 
@@ -85,3 +85,170 @@ def test_pretrain_immiscible_bad_value_is_refused():
 
     with pytest.raises((ParamsError, ValueError), match="immiscible"):
         parse_params({"pretrain": TINY | {"immiscible": "sideways"}})
+
+
+# --- issue 16: a generator for any dataset (folders grey/colour, unconditional, a pool disjoint from the task) ---
+
+FAST = TINY | {"vae_steps": 2, "unet_steps": 2}  # whole pretrain runs below: the fewest steps that train
+
+
+def _folder(root, mode: str, per_class=(6, 6, 6), size: int = 12, seed: int = 0):
+    """An image folder root/<class>/<i>.png of random `mode` ("L" or "RGB") images, `per_class[c]` per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, n in enumerate(per_class):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n):
+            shape = (size, size) if mode == "L" else (size, size, 3)
+            im = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+            assert im.mode == mode
+            im.save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_pretrain_on_an_image_folder_grey_or_colour(tmp_path, mode):
+    data = _folder(tmp_path / "data", mode)
+    p = parse_params({"pretrain": FAST | {"dataset": f"folder:{data}", "output": "gen"}})
+    log = pretrain(p, tmp_path)
+    g = load_generator(str(tmp_path / "gen"))  # the loader Stable Diffusion goes through
+    assert g.cross_attention_dim == 8 and g.vae_factor == 4
+    assert log["train_images"] == 15 and log["class_names"] == ["class0", "class1", "class2"]  # 3 x (6 - 1 test)
+    assert log["conditional"] is True and log["pool"]["images"] == 15
+    tokens = io.load_tensors(tmp_path / "gen" / "class_tokens.safetensors")["tokens"]
+    assert tokens.shape == (4, 2, 8)  # 3 classes + the null context
+    assert (tmp_path / "gen" / "samples.png").is_file()
+
+
+def test_pretrain_unconditional_ships_no_class_tokens_and_class_tokens_sampling_refuses_it(tmp_path):
+    import torch
+
+    from thinair import steering
+    from thinair.generator import GeneratorUnavailable
+    from thinair.tasks.pretrain import train_unet
+
+    data = _folder(tmp_path / "data", "RGB")
+    p = parse_params({"pretrain": FAST | {"dataset": f"folder:{data}", "output": "gen", "labels": False}})
+    pretrain(p, tmp_path)
+    gen = tmp_path / "gen"
+    load_generator(str(gen))
+    assert not (gen / "class_tokens.safetensors").exists() and (gen / "samples.png").is_file()
+    log = io.read_json(gen / "train_log.json")
+    assert log["conditional"] is False and log["params"]["pretrain"]["labels"] is False
+    params = parse_params({"base": {"generator": str(gen)}, "sample": {"method": "class_tokens"}})
+    with pytest.raises(GeneratorUnavailable, match="class_tokens.safetensors"):
+        steering.method_inputs(params, tmp_path)
+    # the UNet only ever sees the null context: one learned context, no class rows
+    _, tokens, _ = train_unet(torch.randn(8, 4, 4, 4), None, 0, p.pretrain.model_copy(update={"unet_steps": 2}),
+                              torch.Generator().manual_seed(0))
+    assert tokens.shape == (1, 2, 8)
+
+
+def test_pretrain_pool_holdout_is_disjoint_from_the_task_side(tmp_path):
+    """Proof by content: the sha256 of every pretraining image (train_log.json) against every image the task side
+    may use (holdout_split's task part of train, and the whole test split). With pool all they overlap."""
+    from thinair import datasets
+    from thinair.rawdata import holdout_split, image_hashes
+
+    spec = f"folder:{_folder(tmp_path / 'data', 'RGB', per_class=(8, 8, 8))}"
+    raw = datasets.load(spec, "")
+    task, pool = holdout_split(raw.train_labels, 0.5, seed=datasets.SPLIT_SEED)
+    task_side = set(image_hashes(raw.train_images[task])) | set(image_hashes(raw.test_images))
+    logged = {}
+    for mode in ("holdout", "all"):
+        pretrain(parse_params({"pretrain": FAST | {"dataset": spec, "pool": mode, "holdout_fraction": 0.5,
+                                                   "output": mode}}), tmp_path)
+        logged[mode] = io.read_json(tmp_path / mode / "train_log.json")["pool"]
+    hold = logged["holdout"]
+    assert hold["images"] == len(pool) == len(hold["sha256"]) and 0 < len(pool) < len(raw.train_labels)
+    assert hold["sha256"] == sorted(image_hashes(raw.train_images[pool]))
+    assert (hold["dataset"], hold["pool"], hold["holdout_fraction"]) == (spec, "holdout", 0.5)
+    assert not task_side & set(hold["sha256"])
+    assert task_side & set(logged["all"]["sha256"])  # the check above can fail
+    assert logged["all"]["images"] == len(raw.train_labels)
+
+
+def test_digits_holdout_pool_shares_no_image_with_the_task_side():
+    """The same proof on the embedded dataset, without training (pool selection and hashing are pure)."""
+    from thinair import datasets
+    from thinair.rawdata import holdout_split, image_hashes
+    from thinair.tasks.pretrain import pool_indices
+
+    raw = datasets.load("digits", "")
+    p = parse_params({"pretrain": {"pool": "holdout", "holdout_fraction": 0.3}}).pretrain
+    pool = pool_indices(raw.train_labels, raw.class_names, p)
+    task, _ = holdout_split(raw.train_labels, 0.3, seed=datasets.SPLIT_SEED)
+    task_side = set(image_hashes(raw.train_images[task])) | set(image_hashes(raw.test_images))
+    assert not task_side & set(image_hashes(raw.train_images[pool]))
+    everything = pool_indices(raw.train_labels, raw.class_names, parse_params({}).pretrain)
+    assert len(everything) == 1438 and task_side & set(image_hashes(raw.train_images[everything]))
+
+
+def test_pretrain_holdout_leaving_a_class_empty_names_the_fraction(tmp_path):
+    data = _folder(tmp_path / "data", "L", per_class=(6, 6, 1))  # class2: one train image, none held out at 0.5
+    p = parse_params({"pretrain": FAST | {"dataset": f"folder:{data}", "pool": "holdout"}})
+    with pytest.raises(ValueError, match=r"pretrain\.holdout_fraction=0\.5 leaves class 'class2'"):
+        pretrain(p, tmp_path)
+    assert not (tmp_path / "generators").exists()
+
+
+def test_pretrain_dataset_that_cannot_be_loaded_is_clear(tmp_path):
+    from thinair.datasets import DatasetUnavailable
+
+    p = parse_params({"pretrain": FAST | {"dataset": "pathmnist", "data_root": str(tmp_path / "none"),
+                                          "download": False}})
+    with pytest.raises(DatasetUnavailable, match=r"pathmnist.*pretrain\.data_root.*pretrain\.download"):
+        pretrain(p, tmp_path)
+    with pytest.raises(ValueError, match="pretrain.dataset: unknown dataset 'mnist'"):
+        pretrain(parse_params({"pretrain": FAST | {"dataset": "mnist"}}), tmp_path)
+    with pytest.raises(ValueError, match="pretrain.dataset: image folder"):
+        pretrain(parse_params({"pretrain": FAST | {"dataset": f"folder:{tmp_path / 'nope'}"}}), tmp_path)
+    with pytest.raises(ParamsError, match="pretrain.holdout_fraction"):
+        parse_params({"pretrain": {"pool": "holdout", "holdout_fraction": 1.0}})
+
+
+def test_pretrain_defaults_are_the_shipped_generators_params():
+    """The new keys' code defaults (digits, conditional, pool all, auto widths) reproduce params.yaml's pretrain
+    section exactly, so the embedded generator's training path and its DVC params are unchanged."""
+    from pathlib import Path
+
+    from thinair.config import load_params
+    from thinair.tasks.pretrain import architecture
+
+    d = parse_params({}).pretrain
+    assert (d.dataset, d.labels, d.pool, d.vae_channels, d.unet_channels) == ("digits", True, "all", None, None)
+    shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml").pretrain
+    assert architecture(d) == shipped
+    assert not {"data_root", "download", "labels", "pool", "holdout_fraction"} & shipped.model_fields_set
+
+
+@pytest.mark.parametrize("resolution, factor, unet_levels", [(8, 4, 2), (16, 4, 2), (32, 4, 2), (64, 8, 3),
+                                                              (128, 8, 3), (256, 8, 3)])
+def test_pretrain_auto_architecture_follows_the_resolution(resolution, factor, unet_levels):
+    from thinair.tasks.pretrain import architecture
+
+    a = architecture(parse_params({"pretrain": {"resolution": resolution}}).pretrain)
+    assert 2 ** (len(a.vae_channels) - 1) == factor and len(a.unet_channels) == unet_levels
+    explicit = architecture(parse_params({"pretrain": {"resolution": 64, "vae_channels": [8, 16, 16]}}).pretrain)
+    assert explicit.vae_channels == [8, 16, 16] and explicit.unet_channels == [64, 128, 128]
+    with pytest.raises(ValueError, match="not divisible by the VAE factor 8"):
+        architecture(parse_params({"pretrain": {"resolution": 36}}).pretrain)
+
+
+def test_pretrain_logs_progress_with_an_eta(caplog):
+    import logging
+
+    import torch
+
+    from thinair.tasks.pretrain import duration, train_unet
+
+    assert (duration(4.4), duration(190), duration(3725)) == ("4 s", "3 min 10 s", "1 h 02 min")
+    p = parse_params({"pretrain": TINY | {"unet_steps": 4}}).pretrain
+    with caplog.at_level(logging.INFO):
+        train_unet(torch.randn(16, 4, 4, 4), torch.arange(16) % 10, 10, p, torch.Generator().manual_seed(0),
+                   log_every=2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain unet:")]
+    assert len(lines) == 2 and lines[0].startswith("pretrain unet: step 2/4 (50 %) loss ") and " — ETA " in lines[0]
+    assert lines[1].endswith("— ETA 0 s")
