@@ -1,4 +1,4 @@
-"""Flow `pretrain`: train the embedded generator from data/ingest (see tasks/pretrain.py)."""
+"""Flow `pretrain`: train a generator on pretrain.dataset's train split (or its holdout pool; see tasks/pretrain.py)."""
 from prefect import flow
 
 from thinair.config import Params
