@@ -24,9 +24,8 @@ import torch
 from thinair import io, paths
 from thinair.config import Params
 from thinair.devices import current_device
-from thinair.diffusion import encode_images
+from thinair.diffusion import reconstruct
 from thinair.generator import generator_for, runtime_key
-from thinair.images import to_uint8
 from thinair.training import train_and_test, training_parts
 from thinair.units import Checkpoint, cached, code_key, content_key
 from thinair.upstream import LabelledImages, Synthetic, read_split, read_synthetic
@@ -56,16 +55,10 @@ def real_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 def reconstructed(params: Params, test: LabelledImages) -> LabelledImages:
     """The test images after a round trip through the generator's VAE (encode mean -> decode)."""
     b = params.base
-    gen, device = generator_for(b, device=current_device(b))
-    post = encode_images(gen.vae, test.images, b.gen_resolution, params.encode.interpolation,
+    gen_model, device = generator_for(b, device=current_device(b))
+    images = reconstruct(gen_model.vae, test.images, b.gen_resolution, params.encode.interpolation,
                          params.encode.batch_size, device)
-    h, _, c = test.images.shape[1:]
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(test.labels), params.encode.batch_size):
-            z = post["mean"][s:s + params.encode.batch_size].to(device, gen.vae.dtype)
-            out.append(to_uint8(gen.vae.decode(z).sample, h, c))
-    return LabelledImages(np.concatenate(out), test.labels, test.class_names)
+    return LabelledImages(images, test.labels, test.class_names)
 
 
 def run_seeds(params: Params, mode: str) -> list[int]:

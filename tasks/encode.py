@@ -3,24 +3,41 @@
 Reads ``data/ingest`` (train split) and the generator's VAE. Writes
 ``data/encode/train-NNNNN.safetensors`` per chunk of ``base.chunk_size`` images (keys ``mean`` and
 ``logvar`` of the diagonal Gaussian posterior, (n, 4, h, w) float32, so inversion re-samples a latent
-every step; ``labels`` and ``index`` (n,) int64) and ``data/encode/manifest.json`` (written last).
-Units are the chunks, cached by content (thinair/units.py).
+every step; ``labels`` and ``index`` (n,) int64), ``data/encode/fit.json`` (the generator-fit check, unless
+``encode.fit_check: off``) and ``data/encode/manifest.json`` (written last). Units are the chunks, cached by content
+(thinair/units.py).
+
+The fit check asks whether the generator can represent this dataset at all, before hours of inversion: its
+autoencoder reconstructs the real test images (at most ``FIT_IMAGES``, a seeded draw) and the domain classifier
+(thinair/domain.py, trained on the real train split) labels originals and reconstructions. A generator for another
+domain (the embedded digits generator on photographs) turns every image into its own domain and the accuracy on
+reconstructions falls toward chance. Below ``encode.fit_min_ratio`` of the originals' accuracy the check warns (log,
+``fit.json``, the report's first line, a Prefect artifact) or, with ``encode.fit_check: fail``, stops the stage.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
+import numpy as np
 import torch
 
 from thinair import io, paths
 from thinair.config import Params
-from thinair.devices import with_halving
-from thinair.diffusion import check_resolution, encode_images
+from thinair.devices import current_device, with_halving
+from thinair.diffusion import check_resolution, encode_images, reconstruct
+from thinair.domain import accuracy, domain_classifier
+from thinair.errors import GeneratorMisfit
 from thinair.generator import generator_for, generator_identity, runtime_key
 from thinair.units import clean_dir
 from thinair.upstream import chunk_ranges, read_split
 
 STAGE = "encode"
+FIT = "fit.json"
+FIT_IMAGES = 2000  # test images the fit check reconstructs at most (a seeded draw)
+log = logging.getLogger(__name__)
+
 _TRAIN: dict = {}  # per process: the train split of the last root read (every chunk's key and compute need it)
 
 
@@ -59,12 +76,62 @@ def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", devic
                                  "index": torch.arange(s, e, dtype=torch.int64)})
 
 
+def fit_check(params: Params, root: str | Path = ".") -> dict:
+    """How much of the real test images the generator's autoencoder keeps: pixel error, and the domain
+    classifier's accuracy on reconstructions vs originals. Returns the record written to fit.json."""
+    b, p = params.base, params.encode
+    train, test = _train(root), read_split("test", root)
+    rows = np.arange(len(test.labels))
+    if len(rows) > FIT_IMAGES:
+        rows = np.sort(np.random.default_rng(io.seed_for(b.seed, STAGE, "fit")).choice(rows, FIT_IMAGES, replace=False))
+    images, labels = test.images[rows], test.labels[rows]
+    gen_model, device = generator_for(b, device=current_device(b))
+    rec = reconstruct(gen_model.vae, images, b.gen_resolution, p.interpolation, p.batch_size, device)
+    net = domain_classifier(train.images, train.labels, len(train.class_names), params.metrics.feature_epochs,
+                            b.seed, root)
+    err = np.abs(rec.astype(np.float64) - images.astype(np.float64)) / 255.0
+    mse = float((err ** 2).mean())
+    acc_orig, acc_rec = accuracy(net, images, labels), accuracy(net, rec, labels)
+    ratio = acc_rec / acc_orig if acc_orig > 0 else 0.0
+    fit = {"ok": ratio >= p.fit_min_ratio, "images": int(len(rows)), "accuracy_originals": acc_orig,
+           "accuracy_reconstructions": acc_rec, "ratio": ratio, "min_ratio": p.fit_min_ratio,
+           "chance": 1.0 / len(train.class_names), "mean_abs_error": float(err.mean()),
+           "psnr_db": float(10 * np.log10(1.0 / max(mse, 1e-12))), "generator": gen_model.identity,
+           "dataset": io.read_json(paths.stage_dir("ingest", root) / io.MANIFEST)["dataset"]}
+    fit["message"] = None if fit["ok"] else misfit_message(fit, b.generator)
+    return fit
+
+
+def misfit_message(fit: dict, generator: str) -> str:
+    return (f"the generator {generator!r} cannot represent this dataset ({fit['dataset']}): a classifier trained on "
+            f"the real train images labels {100 * fit['accuracy_originals']:.1f} % of real test images right but only "
+            f"{100 * fit['accuracy_reconstructions']:.1f} % of the same images after the generator's autoencoder "
+            f"(ratio {fit['ratio']:.2f} < encode.fit_min_ratio {fit['min_ratio']}; chance is "
+            f"{100 * fit['chance']:.1f} %; pixel error {100 * fit['mean_abs_error']:.1f} %, PSNR "
+            f"{fit['psnr_db']:.1f} dB). Synthetic data from it would not look like this dataset. Fix: pretrain a "
+            f"generator on images of this domain (`thinair pretrain -S pretrain.dataset={fit['dataset']} -S "
+            "pretrain.output=generators/mine`, then base.generator: generators/mine) or use a real Stable Diffusion "
+            "(base.generator: CompVis/stable-diffusion-v1-4).")
+
+
 def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
     gen_model, _ = generator_for(params.base)
     out = paths.stage_dir(STAGE, root)
     chunks = [{k: r["unit"][k] for k in ("file", "start", "end")} for r in records]
     manifest = {"generator": gen_model.identity, "scaling_factor": gen_model.scaling_factor,
                 "vae_factor": gen_model.vae_factor, "resolution": params.base.gen_resolution, "chunks": chunks}
-    clean_dir(out, {c["file"] for c in chunks} | {io.MANIFEST})
+    written = {c["file"] for c in chunks} | {io.MANIFEST}
+    fit = None
+    if params.encode.fit_check != "off":
+        fit = fit_check(params, root)
+        io.write_json(out / FIT, fit)
+        written.add(FIT)
+        manifest["fit"] = {k: fit[k] for k in ("ok", "ratio", "accuracy_originals", "accuracy_reconstructions")}
+    clean_dir(out, written)
     io.write_json(out / io.MANIFEST, manifest)
+    if fit is not None and not fit["ok"]:
+        if params.encode.fit_check == "fail":
+            raise GeneratorMisfit(fit["message"] + " (encode.fit_check: fail stopped the run before invert; set it "
+                                  "to warn to go on anyway)")
+        log.warning("GENERATOR-FIT CHECK FAILED: %s", fit["message"])
     return manifest

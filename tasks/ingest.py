@@ -12,6 +12,7 @@ import numpy as np
 
 from thinair import datasets, faults, io, paths
 from thinair.config import Params
+from thinair.rawdata import holdout_split
 from thinair.upstream import chunk_ranges
 
 STAGE = "ingest"
@@ -19,11 +20,15 @@ USES_DEVICE = False
 RETRIES = (2, 5)
 
 
-def limit_per_class(labels: np.ndarray, per_class: int | None, total: int | None, seed: int) -> np.ndarray:
-    """Indices kept after the per-class and total limits (first images of each class, in order)."""
+def limit_per_class(labels: np.ndarray, per_class: int | None, total: int | None, seed: int,
+                    subset_seed: int | None = None) -> np.ndarray:
+    """Indices kept after the per-class and total limits (the first images of each class, in order; or, with
+    `subset_seed`, a seeded random draw per class)."""
     keep = np.arange(len(labels))
     if per_class is not None:
-        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+        rng = None if subset_seed is None else np.random.default_rng(io.seed_for(subset_seed, "ingest-subset"))
+        rows = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        keep = np.concatenate([r[:per_class] if rng is None else rng.permutation(r)[:per_class] for r in rows])
         keep.sort()
     if total is not None and total < len(keep):
         rng = np.random.default_rng(io.seed_for(seed, "ingest-limit"))
@@ -50,7 +55,12 @@ def ingest(params: Params, root: str | Path = ".") -> dict:
     b, p = params.base, params.ingest
     raw = datasets.load(b.dataset, b.data_root, test_fraction=p.test_fraction, download=p.download,
                         image_size=p.image_size, corrupt=p.corrupt)
-    keep = limit_per_class(raw.train_labels, p.per_class_limit, p.limit, b.seed)
+    task, pool = holdout_split(raw.train_labels, p.holdout_fraction, datasets.SPLIT_SEED)  # pool: never the task's
+    if p.holdout_fraction and len(np.unique(raw.train_labels[task])) < len(raw.class_names):
+        raise ValueError(f"ingest.holdout_fraction={p.holdout_fraction} leaves a class of {b.dataset!r} without "
+                         "train images; lower it")
+    raw.train_images, raw.train_labels = raw.train_images[task], raw.train_labels[task]
+    keep = limit_per_class(raw.train_labels, p.per_class_limit, p.limit, b.seed, p.subset_seed)
     raw.train_images, raw.train_labels = raw.train_images[keep], raw.train_labels[keep]
     validate(raw, b.dataset)
     out = paths.stage_dir("ingest", root)
@@ -58,6 +68,8 @@ def ingest(params: Params, root: str | Path = ".") -> dict:
     names = np.asarray(raw.class_names, dtype=str)
     manifest = {"dataset": b.dataset, "class_names": raw.class_names, "image_shape": list(raw.train_images.shape[1:]),
                 "skipped": raw.skipped, "splits": {}}
+    if p.holdout_fraction:  # recorded only when used, so a default run's manifest is unchanged
+        manifest["holdout"] = {"fraction": p.holdout_fraction, "pool_images": int(len(pool))}
     written = {io.MANIFEST}
     for split, x, y in (("train", raw.train_images, raw.train_labels), ("test", raw.test_images, raw.test_labels)):
         shards = []

@@ -18,32 +18,17 @@ import torch
 from thinair import classifier, features, io, paths
 from thinair.config import Params
 from thinair.devices import current_device
+from thinair.domain import domain_classifier
 from thinair.quality import METRIC_KEYS, all_metrics, per_class
-from thinair.units import cached, code_key, content_key
 from thinair.upstream import inputs_digest, read_split, read_synthetic
 
 STAGE = "metrics"
 
 
 def domain_feature_net(params: Params, train, root: str | Path = "."):
-    """The real-train classifier used as feature extractor (cached by content)."""
-    from safetensors.torch import load_file, save_file
-
-    p = params.metrics
-    h, _, c = train.images.shape[1:]
-    seed = io.seed_for(params.base.seed, STAGE)
-    net = classifier.build("smallcnn", c, len(train.class_names), h, seed)
-    key = content_key(STAGE, code_key(__name__), "domain", p.feature_epochs, params.base.seed, train.images,
-                      train.labels)
-
-    def fit(out: Path) -> None:
-        classifier.train(net, [(classifier.to_tensor(train.images), torch.from_numpy(train.labels), 1.0)],
-                         epochs=p.feature_epochs, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
-                         weight_decay=5e-4, warmup_epochs=1, padding=1, flip=False, seed=seed)
-        save_file(net.state_dict(), str(out))
-
-    net.load_state_dict(load_file(str(cached(STAGE, key, "feature_net.safetensors", fit, root, "metrics feature net"))))
-    return net.eval()
+    """The real-train classifier used as feature extractor (thinair/domain.py, cached by content)."""
+    return domain_classifier(train.images, train.labels, len(train.class_names), params.metrics.feature_epochs,
+                             params.base.seed, root)
 
 
 def subsample_rows(n: int, limit: int | None, seed: int) -> np.ndarray:

@@ -85,6 +85,29 @@ def methods_section(path: Path) -> str:
         + f"<p>{html.escape(data['note'])}</p>")
 
 
+# The synthetic set is flagged when its recall or coverage falls below this share of the real floor (real test vs
+# real train). The embedded default keeps about half its floor's recall (0.45 vs 0.95); a generator of another
+# domain keeps almost none (recall 0.0, coverage 0.03 on an image folder of photographs).
+FLOOR_SHARE = 0.25
+
+
+def warnings(root: str | Path, metrics: dict) -> list[str]:
+    """What the page must say first: a failed generator-fit check, a synthetic set far below the real floor."""
+    out = []
+    fit_file = paths.stage_dir("encode", root) / "fit.json"
+    if fit_file.is_file():
+        fit = io.read_json(fit_file)
+        if not fit["ok"]:
+            out.append("Generator-fit check failed: " + fit["message"])
+    syn, floor = metrics["synthetic_vs_train"], metrics["test_vs_train"]
+    for k in ("recall", "coverage"):
+        if floor.get(k) and syn.get(k) is not None and syn[k] < FLOOR_SHARE * floor[k]:
+            out.append(f"The synthetic set's {k} is {syn[k]:.2f}, below {FLOOR_SHARE} x the real floor "
+                       f"({floor[k]:.2f}, real test vs real train): it misses most of the real data. Check the "
+                       "generator-fit figures in data/encode/fit.json before trusting the CAS below.")
+    return out
+
+
 def report(params: Params, root: str | Path = ".") -> Path:
     b, p = params.base, params.report
     train = read_split("train", root)
@@ -122,13 +145,14 @@ def report(params: Params, root: str | Path = ".") -> Path:
     loss_rows = [[f, v["first"], v["last"]] for f, v in losses["chunks"].items()]
     img = base64.b64encode(grid_png).decode()
     labels = " ".join(f"<li>{html.escape(n)}</li>" for n in train.class_names)
+    banner = "".join(f'<p class="warn"><strong>Warning.</strong> {html.escape(w)}</p>\n' for w in warnings(root, m))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>thinair report: {html.escape(b.dataset)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 th{{background:#f3f3f3}}td:first-child{{text-align:left}}img{{image-rendering:pixelated;max-width:100%}}
-ol{{columns:5}}</style></head><body>
-<h1>thinair report — Diffusion Inversion on <code>{html.escape(b.dataset)}</code></h1>
+ol{{columns:5}}.warn{{background:#fff3cd;border:1px solid #e0b000;padding:8px 12px}}</style></head><body>
+{banner}<h1>thinair report — Diffusion Inversion on <code>{html.escape(b.dataset)}</code></h1>
 <p>Generator <code>{html.escape(b.generator)}</code>; {len(train.labels)} real train images inverted,
 {sample_manifest['total']} synthetic images ({sample_manifest['variants_per_embedding']} per embedding;
 sampler {html.escape(sp['scheduler'])}, {sp['steps']} steps, guidance {sp['guidance_scales']}, checkpoints

@@ -76,6 +76,11 @@ class Ingest(_Section):
     image_size: int | None = Field(None, ge=4, le=1024, description="Square size for sources of varied sizes.")
     corrupt: Literal["skip", "fail"] = Field("skip", description="Unreadable image-folder files: skip (listed in "
                                              "the manifest) or fail.")
+    holdout_fraction: float = Field(0.0, ge=0, lt=1, description="Share of every class of the train split held out "
+                                    "from the task as the pool a generator may be pretrained on (`pretrain.pool: "
+                                    "holdout` with the same fraction); 0 = none. The task never sees the pool.")
+    subset_seed: int | None = Field(None, ge=0, description="With per_class_limit: draw the kept images per class "
+                                    "at random with this seed (null: the first ones, in order).")
 
 
 class Pretrain(_Section):
@@ -128,6 +133,19 @@ class Encode(_Section):
     batch_size: int = Field(64, ge=1, description="Images per VAE call.")
     interpolation: Literal["bicubic", "bilinear", "nearest"] = Field(
         "bicubic", description="Resize to base.gen_resolution (paper: bicubic).")
+    fit_check: Literal["warn", "fail", "off"] = Field(
+        "warn", description="Generator-fit check after encoding: the generator's autoencoder reconstructs the real "
+        "test images and a classifier trained on real train images (metrics' domain classifier) labels them; "
+        "below encode.fit_min_ratio of its accuracy on the originals the generator cannot represent this dataset: "
+        "warn (log, report, Prefect artifact), fail (stop before invert) or off.")
+    fit_min_ratio: float = Field(0.9, gt=0, le=1, description="Fit check threshold: accuracy on reconstructions / "
+                                 "accuracy on originals (0.9: lose at most a tenth; a generator for another domain "
+                                 "falls to chance).")
+
+    @field_validator("fit_check", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
 
 class Invert(_Section):

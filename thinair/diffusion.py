@@ -5,9 +5,10 @@ grid) and the prompt sampler (img2img).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from thinair.images import to_model
+from thinair.images import to_model, to_uint8
 
 
 def check_resolution(resolution: int, factor: int) -> None:
@@ -26,6 +27,18 @@ def encode_images(vae, images, resolution: int, interpolation: str, batch_size: 
             means.append(dist.mean.float().cpu())
             logvars.append(dist.logvar.float().cpu())
     return {"mean": torch.cat(means), "logvar": torch.cat(logvars)}
+
+
+def reconstruct(vae, images, resolution: int, interpolation: str, batch_size: int, device):
+    """uint8 (n, H, W, C) -> the same images after a round trip through the VAE (posterior mean -> decode), resized
+    back to (H, W) with C channels: what the generator can represent of them."""
+    h, _, c = images.shape[1:]
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            post = encode_images(vae, images[s:s + batch_size], resolution, interpolation, batch_size, device)
+            out.append(to_uint8(vae.decode(post["mean"].to(device, vae.dtype)).sample, h, c))
+    return np.concatenate(out) if out else images[:0].copy()
 
 
 def img2img_start(scheduler, steps: int, strength: float, x0: torch.Tensor, noise: torch.Tensor):

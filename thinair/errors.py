@@ -34,6 +34,10 @@ class GeneratorUnavailable(ThinairError, RuntimeError):
     """The generator (a diffusers Stable Diffusion directory or hub id) cannot be loaded; the message says why."""
 
 
+class GeneratorMisfit(ThinairError, RuntimeError):
+    """The generator cannot represent this dataset (encode.fit_check: fail); the message gives figures and fix."""
+
+
 class FeaturesUnavailable(ThinairError, RuntimeError):
     """The metric feature extractor cannot be built here; the message says what to install or place where."""
 

@@ -1,0 +1,255 @@
+"""The low-data benchmark: does synthetic data make a classifier better when real labels are scarce?
+
+The user's situation, on any dataset `base.dataset` accepts: a generator pretrained on a pool of images disjoint
+from the task (``pretrain.pool: holdout``: a stratified share of the train split the task never sees; conditional
+on the pool's labels, or unconditional), and only k labelled real images per class (``ingest.holdout_fraction`` +
+``ingest.per_class_limit`` + ``ingest.subset_seed``: each seed draws its own k per class from the task part).
+At each k and seed, the real stage code runs in a scratch workspace (ingest, encode with its fit check, invert on
+those k x classes images only, sample), then every arm trains the same classifier for the same number of optimiser
+steps (``--steps``, the reference's fixed-step protocol, so a small real set is not trained for fewer steps than a
+large mixed one) with the same seed, tested on the real test split (never used to choose anything):
+
+    real                      the k images per class (crop, flip as in cas)
+    real+<augment>            + one classical augmentation of the paper's comparison (cas.augment)
+    di                        Diffusion Inversion images only
+    real+di                   real and DI images, half of each batch each (cas.real_fraction 0.5)
+    real+di@<r>               the paper's other real:synthetic batch ratios (1:7, 1:3, 3:1, 7:1), reported beside
+    real+tokens               real + the generator's class tokens (conditional generator only: it learned the pool's
+                              labels, a baseline DI does not need)
+    real+classenc             real + the class encoder (seed 002) trained on the k images per class
+
+Everything is cached by content under ``.thinair/lowdata/<name>/`` (stages, trainings, the generators' training
+checkpoints), so a killed run resumes where it stopped; results are written after every cell.
+
+    python benchmarks/lowdata.py                                  # digits; hours on 2 CPU cores (see README)
+    python benchmarks/lowdata.py --ks 5,10 --seeds 5 --arms real,real+cutout,di,real+di
+    python benchmarks/make_textures.py && python benchmarks/lowdata.py --dataset folder:.thinair/datasets/textures \
+        --name textures
+
+Writes ``benchmarks/lowdata/<name>.json`` (every training, and mean/std/n per variant, k and arm) and
+``benchmarks/lowdata/<name>.png`` (test accuracy against real images per class).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+AUGMENTS = ("autoaugment", "randaugment", "cutout", "mixup", "cutmix", "augmix")
+RATIOS = {"1:7": 0.125, "1:3": 0.25, "3:1": 0.75, "7:1": 0.875}  # real:synthetic per batch; 1:1 is real+di
+DEFAULT_ARMS = (["real"] + [f"real+{a}" for a in AUGMENTS] + ["di", "real+di"] + [f"real+di@{r}" for r in RATIOS]
+                + ["real+tokens", "real+classenc"])
+PLOTTED = ("real", "best augmentation", "real+di", "di", "real+tokens")
+
+
+def base_params(args, generator: Path | None, k: int | None, seed: int, **sections):
+    """The params of one cell: params.yaml's, with the benchmark's dataset, generator, subset and CAS protocol."""
+    from thinair.config import load_params
+
+    sets = [f"base.dataset={args.dataset}", f"base.gen_resolution={args.resolution}", "base.seed=0",
+            "base.workers=1", "base.task_runner=thread", f"ingest.holdout_fraction={args.holdout}",
+            f"ingest.per_class_limit={'null' if k is None else k}", f"ingest.subset_seed={seed}",
+            f"sample.samples_per_setting={args.per_embedding}", f"cas.steps={args.steps}",
+            f"cas.warmup_steps={max(1, args.steps // 20)}", "cas.scale_synthetic=[]", "cas.scale_real=[]",
+            "cas.reconstructed_test=false", f"classenc.steps={args.classenc_steps}"]
+    if generator is not None:
+        sets.append(f"base.generator={generator}")
+    sets += args.set
+    for section, values in sections.items():
+        sets += [f"{section}.{key}={json.dumps(v)}" for key, v in values.items()]
+    return load_params(args.params, sets)
+
+
+def pretrain_generator(args, ws: Path, variant: str) -> Path:
+    """The generator of `variant` (cond | uncond), pretrained on the holdout pool of the dataset (resumable)."""
+    from thinair.tasks.pretrain import pretrain
+
+    out = ws / "generators" / variant
+    vae_steps, unet_steps = (int(x) for x in args.pretrain_steps.split(","))
+    params = base_params(args, None, None, 0, pretrain={
+        "dataset": args.dataset, "data_root": args.data_root, "pool": "holdout", "holdout_fraction": args.holdout,
+        "labels": variant == "cond", "output": str(out), "resolution": args.resolution, "vae_steps": vae_steps,
+        "unet_steps": unet_steps})
+    log_file = out / "train_log.json"
+    if log_file.is_file() and json.loads(log_file.read_text())["params"]["pretrain"] == params.pretrain.model_dump():
+        return out
+    t0 = time.time()
+    pretrain(params, ws)
+    print(f"pretrained {variant} generator in {time.time() - t0:.0f} s -> {out}", flush=True)
+    return out
+
+
+def synthetic_sets(args, params, cell: Path, arms: list[str], variant: str) -> dict:
+    """Run the stages of one cell and return {method: (images, labels)} for the synthetic arms it needs."""
+    from thinair.units import run_local
+    from thinair.upstream import link_stages, read_synthetic
+
+    for stage in ("ingest", "encode", "invert"):
+        run_local(stage, params, cell)
+    out = {}
+    wanted = {"inversion": any("di" in a for a in arms),
+              "class_tokens": variant == "cond" and "real+tokens" in arms,
+              "class_encoder": "real+classenc" in arms}
+    for method, needed in wanted.items():
+        if not needed:
+            continue
+        ws = cell if method == "inversion" else link_stages(cell / method, cell, ("ingest", "encode", "invert"))
+        p = params.model_copy(update={"sample": params.sample.model_copy(update={"method": method})})
+        if method == "class_encoder":
+            run_local("classenc", p, ws)
+        run_local("sample", p, ws)
+        syn = read_synthetic(ws)
+        out[method] = (syn.images, syn.labels)
+    return out
+
+
+def arm_sources(arm: str, real, syn: dict, default_fraction: float):
+    """[(images, labels, batch share)] and the augmentations of one arm; None when the arm does not apply."""
+    real_src = (real.images, real.labels)
+    if arm == "real":
+        return [real_src + (1.0,)], []
+    if arm.startswith("real+") and arm[5:] in AUGMENTS:
+        return [real_src + (1.0,)], [arm[5:]]
+    method = {"di": "inversion", "real+di": "inversion", "real+tokens": "class_tokens",
+              "real+classenc": "class_encoder"}.get(arm.split("@")[0])
+    if method not in syn:
+        return None
+    x, y = syn[method]
+    if arm == "di":
+        return [(x, y, 1.0)], []
+    fraction = RATIOS[arm.split("@")[1]] if "@" in arm else default_fraction
+    return [real_src + (fraction,), (x, y, 1 - fraction)], []
+
+
+def run_cell(args, ws: Path, generator: Path, variant: str, k: int | None, seed: int, arms: list[str]) -> list[dict]:
+    from thinair import io
+    from thinair.training import cached_training
+    from thinair.upstream import read_split
+
+    params = base_params(args, generator, k, seed)
+    data_seed = 0 if k is None else seed  # every image: one set of synthetic data serves every seed
+    cell = ws / variant / f"k{'all' if k is None else k}" / f"s{data_seed}"
+    t0 = time.time()
+    syn = synthetic_sets(args, base_params(args, generator, k, data_seed), cell, arms, variant)
+    real, test = read_split("train", cell), read_split("test", cell)
+    fit = io.read_json(cell / "data" / "encode" / "fit.json")
+    rows = []
+    for arm in arms:
+        spec = arm_sources(arm, real, syn, params.cas.real_fraction)
+        if spec is None:
+            continue
+        sources, augment = spec
+        p = params.model_copy(update={"cas": params.cas.model_copy(update={"augment": augment})})
+        res = cached_training(p, "cas", arm, io.seed_for(0, "lowdata", seed), sources, {"test": test},
+                              len(real.class_names), cell)
+        rows.append({"variant": variant, "k": "all" if k is None else k, "seed": seed, "arm": arm,
+                     "accuracy": res["test"]["accuracy"], "real_images": int(len(real.labels)),
+                     "train_images": res["train_images"]})
+    took = time.time() - t0
+    print(f"{variant} k={k or 'all'} seed={seed}: " + ", ".join(f"{r['arm']} {100 * r['accuracy']:.1f}"
+                                                                 for r in rows) + f"  ({took:.0f} s)", flush=True)
+    for r in rows:
+        r["fit_ratio"] = fit["ratio"]
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """{variant: {k: {arm: {mean, std, n}}}} in %, std over seeds (ddof 1); plus the best augmentation per k."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["variant"], {}).setdefault(str(r["k"]), {}).setdefault(r["arm"], []).append(r["accuracy"])
+    for variant in out.values():
+        for k, arms in variant.items():
+            for arm, accs in arms.items():
+                a = 100 * np.asarray(accs)
+                arms[arm] = {"mean": round(float(a.mean()), 2), "std": round(float(a.std(ddof=1)) if len(a) > 1
+                                                                             else 0.0, 2), "n": int(len(a))}
+            augs = {a: v for a, v in arms.items() if a.startswith("real+") and a[5:] in AUGMENTS}
+            if augs:
+                best = max(augs, key=lambda a: augs[a]["mean"])
+                arms["best augmentation"] = augs[best] | {"arm": best}
+    return out
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 3.8), dpi=100, squeeze=False)
+    for ax, (variant, ks) in zip(axes[0], summary.items()):
+        order = sorted(ks, key=lambda k: float("inf") if k == "all" else int(k))
+        xs = np.arange(len(order))
+        for arm in PLOTTED:
+            pts = [(i, ks[k][arm]) for i, k in enumerate(order) if arm in ks[k]]
+            if pts:
+                ax.errorbar([i for i, _ in pts], [v["mean"] for _, v in pts], yerr=[v["std"] for _, v in pts],
+                            marker="o", capsize=3, label=arm)
+        ax.set_xticks(xs, order)
+        ax.set(xlabel="real images per class", ylabel="test accuracy (%)",
+               title=f"{title}: {'conditional' if variant == 'cond' else 'unconditional'} generator")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", default="digits", help="any base.dataset spec (digits, folder:PATH, cifar10, ...)")
+    ap.add_argument("--name", default=None, help="results name (default: the dataset's)")
+    ap.add_argument("--data-root", default="~/.cache/thinair/datasets")
+    ap.add_argument("--ks", default="5,10,20,50,all", help="real images per class, comma list ('all': every one)")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per k: each draws its own k per class and seeds "
+                    "every arm's classifier")
+    ap.add_argument("--variants", default="cond,uncond", help="generators: cond (pool labels) | uncond")
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS))
+    ap.add_argument("--holdout", type=float, default=0.5, help="share of each class of train kept for the "
+                    "generator's pool (never the task's)")
+    ap.add_argument("--resolution", type=int, default=16, help="generation resolution (px)")
+    ap.add_argument("--pretrain-steps", default="1000,3000", help="VAE,UNet steps of each generator")
+    ap.add_argument("--per-embedding", type=int, default=10, help="synthetic images per real image")
+    ap.add_argument("--steps", type=int, default=500, help="optimiser steps of every classifier training")
+    ap.add_argument("--classenc-steps", type=int, default=500)
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a parameter of every cell (e.g. invert.steps=100), repeatable")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--root", default=".")
+    args = ap.parse_args(argv)
+    name = args.name or args.dataset.replace("folder:", "").rstrip("/").split("/")[-1]
+    ws = Path(args.root).resolve() / ".thinair" / "lowdata" / name
+    out = Path(args.root) / "benchmarks" / "lowdata" / f"{name}.json"
+    arms = args.arms.split(",")
+    ks = [None if k == "all" else int(k) for k in args.ks.split(",")]
+    t_start, rows, timing = time.time(), [], {}
+    for variant in args.variants.split(","):
+        t0 = time.time()
+        generator = pretrain_generator(args, ws, variant)
+        timing[f"pretrain-{variant}"] = round(time.time() - t0, 1)
+        for k in ks:
+            t0 = time.time()
+            for seed in range(args.seeds):
+                rows += run_cell(args, ws, generator, variant, k, seed, arms)
+                summary = summarize(rows)
+                result = {"config": {k2: v for k2, v in vars(args).items()} | {"machine": platform.machine(),
+                                                                               "cpus": __import__("os").cpu_count()},
+                          "timing_s": timing | {"total": round(time.time() - t_start, 1)},
+                          "summary": summary, "rows": rows}
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=1) + "\n")
+            timing[f"{variant}-k{k or 'all'}"] = round(time.time() - t0, 1)
+        plot(summarize(rows), out.with_suffix(".png"), name)
+    print(f"wrote {out} and {out.with_suffix('.png')} in {time.time() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
