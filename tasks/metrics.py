@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from thinair import classifier, features, io, paths
 from thinair.config import Params
