@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--root", default=".")
     args = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("thinair.tasks.pretrain").setLevel(logging.INFO)  # the generators' progress and ETA
     name = args.name or args.dataset.replace("folder:", "").rstrip("/").split("/")[-1]
     ws = Path(args.root).resolve() / ".thinair" / "lowdata" / name
     out = Path(args.root) / "benchmarks" / "lowdata" / f"{name}.json"
