@@ -5,7 +5,9 @@ One tiny project (ingest .. sample on the tiny random generator) is built once f
 from __future__ import annotations
 
 import glob
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,8 +127,9 @@ def test_webdataset_round_trip(project, truth, tmp_path):
     seen = 0
     for key, image, cls, meta in wds.WebDataset(shards, shardshuffle=False).decode("pil").to_tuple(
             "__key__", "png", "cls", "json"):
-        stored, label, _ = truth[key]
+        stored, label, prov = truth[key]
         assert cls == label == meta["label"] and meta["key"] == key and same_pixels(image, stored)
+        assert meta["seed"] == (None if prov is None else prov["seed"])  # exact 63-bit seeds, None for real images
         assert meta["method"] == ("real" if key.startswith("real-") else "inversion")
         seen += 1
     assert seen == len(truth) == 200  # 160 synthetic + 40 real
@@ -147,7 +150,7 @@ def test_filters(project):
     assert len(select(root, {"method": "inversion"})) == 160
     assert len(select(root, ["label<3", "class_name!=0"])) == 2 * 16
     real = select(root, ["checkpoint=-1"], real=True)  # real rows have no checkpoint: kept
-    assert (real["method"] == "real").sum() == 40 and len(real) == 80
+    assert (real["method"] == "real").sum() == 40 and len(real) == 80 + 40
     assert len(select(root, ["method=real"], real=True)) == 40
     for bad, why in (("clip_score>20", "prompts"), ("guidance>=high", "not a number"), ("method<a", "text"),
                      ("nonsense", "COLUMN")):
@@ -199,11 +202,11 @@ def test_dataset_class(project, truth, tmp_path):
 
     root, _ = project
     ds = SyntheticDataset(root, where=["checkpoint=-1"], real=True)
-    assert len(ds) == 80 and ds.classes == read_split("train", root).class_names
+    assert len(ds) == 120 and ds.classes == read_split("train", root).class_names
     image, label = ds[0]
     key = ds.provenance(0)["key"]
     assert label == truth[key][1] and same_pixels(image, truth[key][0]) and image.mode == "L"
-    p = ds.provenance(79)
+    p = ds.provenance(119)
     assert p["method"] == "real" and p["guidance"] is None and isinstance(p["source_index"], int)
     assert ds.provenance(0)["checkpoint"] == -1 and ds.provenance(0)["seed"] == truth[key][2]["seed"]
     table = provenance(root)
@@ -240,7 +243,7 @@ def test_card(project, tmp_path):
     encode = yaml.safe_load((root / "data" / "encode" / "manifest.json").read_text())
     assert encode["generator"] in text and "see its directory" in text
     assert "120 images (80 synthetic, 40 real)" in text
-    assert "| 3 | 3 | 8 | 4 |" in text  # label, class, synthetic, real
+    assert "| class | synthetic | real |" in text and "| 3 | 8 | 4 |" in text  # digits: the name is the label
     assert "guidance_scales:" in text and "Method `inversion`" in text
     assert "1.811" in text and "floor: real test vs real train" in text and "trained on" in text
     assert "passed" in text or "FAILED" in text
@@ -257,6 +260,24 @@ def test_git_revision_of_a_checkout():
     rev = git_revision(REPO)
     assert rev is None or len(rev.split()[0]) == 40
     assert git_revision("/") is None
+
+
+def readme_block(marker: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    return next(b for b in blocks if marker in b).replace("num_workers=2", "num_workers=0")  # no worker processes
+
+
+def test_readme_examples_run(project, tmp_path, monkeypatch, capsys):
+    root, _ = project
+    monkeypatch.chdir(root)
+    example = readme_block("SyntheticDataset(")
+    assert len([line for line in example.splitlines() if line.strip()]) <= 10
+    exec(compile(example, "README: training example", "exec"), {})
+    assert "'method': 'inversion'" in capsys.readouterr().out
+    assert cli(project, "--real", str(tmp_path / "train")) == 0
+    monkeypatch.setattr(sys, "argv", ["train_resnet18.py", str(tmp_path / "train"), "1"])
+    exec(compile(readme_block("train_resnet18.py"), "README: train_resnet18.py", "exec"), {"__name__": "__main__"})
+    assert re.search(r"epoch 0: real test accuracy \d+\.\d %", capsys.readouterr().out)
 
 
 def test_report_legend_names_classes_once():

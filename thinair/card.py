@@ -54,7 +54,7 @@ def licence(generator: str) -> tuple[str, str]:
 
 
 def git_revision(root: str | Path) -> str | None:
-    """``git rev-parse HEAD`` of the project (plus a note when the tree has uncommitted changes), or None."""
+    """``git rev-parse HEAD`` of the project (plus a shell comment when the tree has uncommitted changes), or None."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -63,7 +63,8 @@ def git_revision(root: str | Path) -> str | None:
         return None
     if rev.returncode:
         return None
-    return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    note = "  # the tree had uncommitted changes at export time" if dirty.returncode == 0 and dirty.stdout.strip() else ""
+    return rev.stdout.strip() + note
 
 
 def _read(path: Path) -> dict | None:
@@ -155,12 +156,16 @@ def render(params, root: str | Path, table: pd.DataFrame, fmt: str, layout: str,
     moved = (f" (params.yaml now names a generator whose identity is {now}: re-run the pipeline before trusting "
              "this card's reproduction recipe)") if encode.get("generator") and now != identity else ""
     counts = table.groupby(["label", "method"]).size().unstack(fill_value=0)
-    count_rows = [[k, names[k], int(counts.loc[k].drop("real", errors="ignore").sum()) if k in counts.index else 0]
+    same = all(str(n) == str(k) for k, n in enumerate(names))  # digits: the name is the label, show it once
+    count_rows = [([k] if same else [k, names[k]])
+                  + [int(counts.loc[k].drop("real", errors="ignore").sum()) if k in counts.index else 0]
                   + ([int(counts.loc[k].get("real", 0)) if k in counts.index else 0] if n_real else [])
                   for k in range(len(names))]
+    count_header = (["class"] if same else ["label", "class"]) + ["synthetic"] + (["real"] if n_real else [])
     sp = sample["params"]
     h, w, c = ingest["image_shape"]
     rev = git_revision(root)
+    colour = {1: "grey", 3: "RGB", 4: "RGBA"}.get(c, f"{c}-channel")
     scope = ", not on this export's selection" if n_real or n_syn != sample["total"] else ""
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False).strip()}
@@ -170,7 +175,7 @@ def render(params, root: str | Path, table: pd.DataFrame, fmt: str, layout: str,
 
 ## Dataset summary
 
-{len(table)} images ({n_syn} synthetic, {n_real} real) of {len(names)} classes, {w}x{h} px, {c} channel(s), made by
+{len(table)} images ({n_syn} synthetic, {n_real} real) of {len(names)} classes, {w}x{h} px {colour}, made by
 thinair from the real **{ingest['dataset']}** train split with a latent diffusion generator.
 Format: `{fmt}`: {layout}. Exported with:
 
@@ -184,8 +189,8 @@ Format: `{fmt}`: {layout}. Exported with:
 
 ## Source dataset
 
-`{ingest['dataset']}` (thinair `base.dataset`): train split {ingest['splits']['train']['count']} images (the only
-images the generator was steered with), test split {ingest['splits']['test']['count']} images (used only to measure:
+`{ingest['dataset']}` (thinair `base.dataset`): train split {ingest['splits']['train']['count']} images (the
+images the synthetic set was made from), test split {ingest['splits']['test']['count']} images (used only to measure:
 the metrics floor and CAS).{' Real images in this export are the train split (`method: real`).' if n_real else ''}
 The real images, and what is derived from them, stay under the source dataset's own licence.
 
@@ -207,7 +212,7 @@ Method `{sp.get('method', 'inversion')}`: {METHODS.get(sp.get('method', 'inversi
 
 ## Counts per class
 
-{_table(["label", "class", "synthetic"] + (["real"] if n_real else []), count_rows)}
+{_table(count_header, count_rows)}
 
 ## Quality
 
@@ -221,7 +226,8 @@ Measured by the pipeline on all {sample['total']} images of `data/sample`{scope}
 
 ## Provenance
 
-Every image has a provenance row (`provenance.csv`, parquet columns or `<key>.json`): `key`, `stage` and `file` /
+Every image has a provenance row (`provenance.csv` beside an image folder, with its `path`; the columns of the
+Hugging Face dataset; `<key>.json` in WebDataset shards): `key`, `stage` and `file` /
 `row` (the shard it came from, under `data/<stage>/`), `label`, `class_name`, `method`, `source_index` (the real
 train image whose embedding it came from), `partner_index` (its interpolation partner, -1 none), `alpha`, `lambda`,
 `guidance`, `checkpoint` (-1 = final), `uncond`, `scheduler`, `steps`, `seed` (its exact noise), and `prompt` /

@@ -70,11 +70,10 @@ def provenance(root: str | Path = ".", real: bool = False) -> pd.DataFrame:
     syn = syn.assign(key=_key("syn", syn["file"], syn["row"]), stage="sample",
                      class_name=[names[k] for k in syn["label"]])
     table = syn
-    if real:
-        table = pd.concat([syn, _real_rows(root, names)], ignore_index=True)
-        for col in syn.columns:  # keep integer columns integer where real rows have no value (NA)
-            if pd.api.types.is_integer_dtype(syn[col]):
-                table[col] = table[col].astype("Int64")
+    if real:  # integer columns become nullable first: real rows have no value there, and a float would round seeds
+        ints = {c: "Int64" for c in syn.columns if pd.api.types.is_integer_dtype(syn[c])}
+        table = pd.concat([syn.astype(ints), _real_rows(root, names).astype(
+            {c: t for c, t in ints.items() if c in ("row", "label", "source_index")})], ignore_index=True)
     return table[LEAD + [c for c in table.columns if c not in LEAD]].reset_index(drop=True)
 
 
