@@ -139,7 +139,8 @@ def test_webdataset_round_trip(project, truth, tmp_path):
 
 
 def test_filters(project):
-    from thinair.data import select
+    from thinair.data import apply_where, select
+    from thinair.export import class_dirs
 
     root, _ = project
     prov = pd.read_csv(root / "data" / "sample" / "provenance.csv")
@@ -158,6 +159,10 @@ def test_filters(project):
             select(root, [bad])
     with pytest.raises(ValueError, match="no image"):
         select(root, ["guidance>10"])
+    prompts = pd.DataFrame({"clip_score": [20.0, 30.0, 27.5], "prompt": ["a photo of a 1", "a=b>c", "x"]})
+    assert apply_where(prompts, ["clip_score>25"])["prompt"].tolist() == ["a=b>c", "x"]
+    assert apply_where(prompts, "prompt=a=b>c")["clip_score"].tolist() == [30.0]
+    assert class_dirs(["a/b", "", "README.md", "x", "x"]) == ["a_b", "class_1", "class_2", "x", "class_4"]
 
 
 def test_cli_refuses_bad_input(project, tmp_path, capsys):

@@ -54,11 +54,11 @@ def iter_images(root: str | Path, table: pd.DataFrame):
 
 
 def class_dirs(names: list[str]) -> list[str]:
-    """A folder name per class: the class name made safe for a path, unique."""
+    """A folder name per class: the class name made safe for a path, unique, never one of the export's own files."""
     out = []
     for k, name in enumerate(names):
         d = re.sub(r"[/\\\x00]", "_", str(name)).strip()
-        d = f"class_{k}" if d in ("", ".", "..") or d in out else d
+        d = f"class_{k}" if d in ("", ".", "..", "README.md", "provenance.csv") or d in out else d
         out.append(d)
     return out
 
