@@ -85,7 +85,7 @@ def test_imagefolder_round_trip(project, truth, tmp_path):
     for path, target in ds.samples:
         image, label, _ = truth[Path(path).stem]
         assert ds.classes[target] == names[label]
-    for i in range(0, len(ds), 7):
+    for i in range(len(ds)):  # every image, pixel for pixel
         img, _ = ds[i]
         assert same_pixels(img, truth[Path(ds.samples[i][0]).stem][0])
     prov = pd.read_csv(out / "provenance.csv")
@@ -110,7 +110,7 @@ def test_hf_round_trip(project, truth, tmp_path):
         assert len(ds) == 160
         assert isinstance(ds.features["image"], datasets.Image)
         assert ds.features["label"].names == names
-        for row in ds.select(range(0, 160, 9)):
+        for row in ds:
             image, label, prov = truth[row["key"]]
             assert row["label"] == label and same_pixels(row["image"], image)
             assert row["seed"] == prov["seed"] and row["guidance"] == pytest.approx(prov["guidance"])
