@@ -47,6 +47,17 @@ def class_grid(real, real_y, syn, syn_y, n_classes: int, per_class: int, upscale
     return tile(np.concatenate(rows), 2 * per_class + 1, upscale)
 
 
+def class_label(index: int, name: str) -> str:
+    """How a class is named on the page: "index: name", or just the name when it is its index ("3" for digits)."""
+    return str(name) if str(name) == str(index) else f"{index}: {name}"
+
+
+def class_legend(class_names: list[str]) -> str:
+    """The grid's legend, one item per row pair, top to bottom (HTML)."""
+    items = "".join(f"<li>{html.escape(class_label(k, n))}</li>" for k, n in enumerate(class_names))
+    return f'<ul class="legend">{items}</ul>'
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     def cell(v):
         return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
@@ -126,7 +137,7 @@ def report(params: Params, root: str | Path = ".") -> Path:
     metric_rows = [[name] + [m[name].get(k, "") for k in METRIC_KEYS]
                    for name in ("synthetic_vs_train", "test_vs_train")]
     per_class = m.get("per_class", {})
-    class_rows = [[f"{k} {train.class_names[int(k)]}"]
+    class_rows = [[class_label(int(k), train.class_names[int(k)])]
                   + [v.get(key, "") if isinstance(v, dict) else "" for key in METRIC_KEYS] for k, v in per_class.items()]
     paper = PAPER_CAS.get(b.dataset)
     cas_rows = []
@@ -144,21 +155,21 @@ def report(params: Params, root: str | Path = ".") -> Path:
     sweep_html = methods_section(Path(root) / METHODS) + sweep_section(Path(root) / SWEEP)
     loss_rows = [[f, v["first"], v["last"]] for f, v in losses["chunks"].items()]
     img = base64.b64encode(grid_png).decode()
-    labels = " ".join(f"<li>{html.escape(n)}</li>" for n in train.class_names)
     banner = "".join(f'<p class="warn"><strong>Warning.</strong> {html.escape(w)}</p>\n' for w in warnings(root, m))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>thinair report: {html.escape(b.dataset)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 th{{background:#f3f3f3}}td:first-child{{text-align:left}}img{{image-rendering:pixelated;max-width:100%}}
-ol{{columns:5}}.warn{{background:#fff3cd;border:1px solid #e0b000;padding:8px 12px}}</style></head><body>
+.legend{{columns:5;list-style:none;padding:0}}
+.warn{{background:#fff3cd;border:1px solid #e0b000;padding:8px 12px}}</style></head><body>
 {banner}<h1>thinair report — Diffusion Inversion on <code>{html.escape(b.dataset)}</code></h1>
 <p>Generator <code>{html.escape(b.generator)}</code>; {len(train.labels)} real train images inverted,
 {sample_manifest['total']} synthetic images ({sample_manifest['variants_per_embedding']} per embedding;
 sampler {html.escape(sp['scheduler'])}, {sp['steps']} steps, guidance {sp['guidance_scales']}, checkpoints
 {sp['checkpoints']}, noise &lambda;={sp['noise']}, interpolation &alpha;={sp['interpolation']}).</p>
 <h2>Real (left) vs synthetic (right), one row per class</h2>
-<ol start="0">{labels}</ol>
+{class_legend(train.class_names)}
 <img alt="real vs synthetic grid" src="data:image/png;base64,{img}">
 <h2>Classification accuracy score (real test split, %, mean ± std over seeds)</h2>
 {_table(cas_header, cas_rows)}

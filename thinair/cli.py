@@ -57,7 +57,29 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", default=None, help="regeneration schedule, cron syntax (default: every --interval)")
     serve.add_argument("--interval", type=int, default=3600, help="regeneration every N seconds (default 3600)")
     serve.add_argument("--no-push", action="store_true", help="scheduled runs do not dvc push")
+    _export_arguments(sub)
     return ap
+
+
+def _export_arguments(sub) -> None:
+    """`thinair export`'s arguments; the export itself is thinair/export.py (imported only when it runs)."""
+    ex = sub.add_parser("export", help="write data/sample (optionally with the real train split) as an image "
+                        "folder, a Hugging Face dataset or WebDataset shards, with a dataset card (README.md)")
+    ex.add_argument("out", help="output folder (must not exist, or be empty)")
+    ex.add_argument("--format", choices=("imagefolder", "hf", "webdataset"), default="imagefolder",
+                    help="default: imagefolder (thinair/export.py describes each layout)")
+    ex.add_argument("--where", action="append", default=[], metavar="COLUMN<OP>VALUE",
+                    help="keep rows whose provenance column meets this (op: = != < <= > >=), repeatable (all must "
+                    "hold), e.g. checkpoint=-1, guidance>=2, method=inversion, clip_score>25; a condition on a column "
+                    "a row has no value in (real images: guidance, seed ...) keeps it")
+    ex.add_argument("--real", action="store_true", help="add the real train split (provenance method 'real')")
+    ex.add_argument("--per-class", type=int, default=None, metavar="N", help="at most N images per class (seeded)")
+    ex.add_argument("--limit", type=int, default=None, metavar="N", help="at most N images in all (seeded)")
+    ex.add_argument("--seed", type=int, default=0, help="seed of --limit / --per-class (default 0)")
+    ex.add_argument("--shard-size", type=int, default=10000, metavar="N",
+                    help="images per parquet file (hf) or tar shard (webdataset); default 10000")
+    ex.add_argument("--push-to-hub", default=None, metavar="REPO", help="hf only: then upload the card and parquet "
+                    "files to this Hugging Face dataset repo (needs network and a token; never done otherwise)")
 
 
 # Stages whose outputs end in `metrics`: each checks the metric features are available before it starts.
@@ -102,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(f"{args.params}: OK")
         return 0
+    if args.command == "export":
+        return _export(args, params)
     from thinair import redact
     from thinair.orchestration import configure, task_runner
     from thinair.workspace import exclusive
@@ -137,6 +161,20 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(result, dict):
         brief = {k: v for k, v in result.items() if not isinstance(v, (list, dict)) or len(str(v)) < 300}
         print(brief)
+    return 0
+
+
+def _export(args, params) -> int:
+    """`thinair export`: no Prefect, no lock (it only reads data/ and writes its own folder, atomically)."""
+    from thinair.export import run
+
+    try:
+        summary = run(args, params)
+    except _known_errors() as err:
+        print(f"thinair export: failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"thinair export: wrote {summary['images']} images ({summary['synthetic']} synthetic, {summary['real']} "
+          f"real) as {summary['format']} to {summary['out']} (card: {summary['out']}/README.md)")
     return 0
 
 

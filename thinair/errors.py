@@ -50,6 +50,10 @@ class NonFiniteLoss(ThinairError, FloatingPointError):
     """A training loss became NaN/inf; the message names the unit, the step and what to lower."""
 
 
+class ExportFailed(ThinairError, RuntimeError):
+    """`thinair export` cannot write its folder or push it; the message says why and what was kept."""
+
+
 class WorkspaceBusy(ThinairError, RuntimeError):
     """Another thinair run holds this workspace's lock; the message names it."""
 
