@@ -127,7 +127,8 @@ def test_a_unit_computes_once_then_comes_from_the_cache(tiny_generator, tmp_path
     first = units.run_local("encode", params, tmp_path)
     with caplog.at_level(logging.INFO, logger="thinair"):
         again = units.run_local("encode", params, tmp_path)
-    assert again == first and caplog.text.count("reused from cache") == len(first["chunks"]) == 2
+    assert again == first and len(first["chunks"]) == 2
+    assert "encode chunk 0: reused from cache" in caplog.text and "encode chunk 1: reused from cache" in caplog.text
     made = units.run_unit("encode", params, units.stage_module("encode").units(params, tmp_path)[0], tmp_path)
     assert made["file"] == "data/encode/train-00000.safetensors" and made["outputs"]
 
@@ -189,3 +190,15 @@ def test_editing_a_shared_module_recomputes_exactly_the_affected_units(tiny_gene
 def test_a_chunked_stage_is_a_five_line_flow(stage):
     body = [ln for ln in (ROOT / "flows" / f"{stage}.py").read_text().split('"""', 2)[2].splitlines() if ln.strip()]
     assert len(body) <= 9 and any("run_flow" in ln for ln in body), body
+
+
+def test_every_finished_unit_is_a_progress_line_with_an_eta(caplog):
+    import logging
+
+    progress = units.Progress("invert", 3)
+    with caplog.at_level(logging.INFO, logger="thinair"):
+        for name in ("chunk-000", "chunk-001", "chunk-002"):
+            progress.finished(name)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("invert: chunk-000 done (1/3, 33 %) — ETA ")
+    assert lines[2] == "invert: chunk-002 done (3/3, 100 %)"

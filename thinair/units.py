@@ -262,10 +262,36 @@ def run_unit(stage, params, unit: dict, root: str | Path = ".", device=None, key
     return record(root, [out], unit=unit, key=key, file=Path(os.path.relpath(out, root)).as_posix())
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+class Progress:
+    """One log line per finished unit: ``invert: chunk-007 done (8/15, 53 %) — ETA 3 min 10 s``."""
+
+    def __init__(self, what: str, total: int):
+        import time
+
+        self.what, self.total, self.done, self.t0, self._clock = what, total, 0, time.monotonic(), time.monotonic
+
+    def finished(self, name: str) -> None:
+        self.done += 1
+        elapsed = self._clock() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        log.info("%s: %s done (%d/%d, %d %%)%s", self.what, name, self.done, self.total,
+                 100 * self.done // max(1, self.total), f" — ETA {_duration(eta)}" if self.done < self.total else "")
+
+
 def run_local(stage, params, root: str | Path = ".", device=None):
     """Run a whole stage in this process, without Prefect (tests, benchmarks, scratch workspaces)."""
     mod = stage_module(stage)
-    return mod.finish(params, [run_unit(mod, params, u, root, device) for u in mod.units(params, root)], root)
+    units = mod.units(params, root)
+    progress, records = Progress(mod.STAGE, len(units)), []
+    for u in units:
+        records.append(run_unit(mod, params, u, root, device))
+        progress.finished(u["name"])
+    return mod.finish(params, records, root)
 
 
 def _task_body(stage: str, params, unit: dict, root: str = ".", key: str = "") -> dict:
@@ -314,8 +340,11 @@ def fan_out(task, calls: list[tuple], root, what: str, names: list[str] | None =
                for i, args in enumerate(calls)]
     progress = create_progress_artifact(0.0, key=f"{what}-progress",
                                         description=f"{what}: {len(futures)} task(s) finished, in percent")
-    for done, _ in enumerate(as_completed(futures), 1):
+    index = {id(f): i for i, f in enumerate(futures)}
+    lines = Progress(what, len(futures))  # the terminal (and dvc repro's log) names every finished task
+    for done, f in enumerate(as_completed(futures), 1):
         update_progress_artifact(progress, 100.0 * done / max(1, len(futures)))
+        lines.finished(names[index[id(f)]] if names else f"task {index[id(f)]}")
     return [f.result() for f in futures]
 
 
