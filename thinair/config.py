@@ -150,13 +150,17 @@ class Encode(_Section):
 
 class Invert(_Section):
     num_tokens: int = Field(5, ge=1, le=77, description="Tokens per learned embedding (paper: 5).")
-    steps: int = Field(3000, ge=1, description="Optimisation steps per chunk (paper: up to 3000).")
-    batch_size: int = Field(50, ge=1, description="Images of the chunk per step (reference: 50 of 100).")
+    steps: int = Field(3000, ge=1, description="Per-embedding steps: updates of every embedding (paper: up to "
+                       "3000; its reference code counts them so). A chunk of n images at batch b runs ceil(steps x n "
+                       "/ b) optimiser steps, batches cut from one seeded permutation of the chunk per epoch.")
+    batch_size: int = Field(50, ge=1, description="Images of the chunk per optimiser step (reference: 50 of 100, "
+                            "i.e. 2 optimiser steps per per-embedding step).")
     lr: float = Field(0.03, gt=0, le=10, description="AdamW learning rate, constant, no warm-up (paper: 0.03).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (paper: 0.9, 0.999).")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (paper: 0.01).")
-    checkpoint_every: int = Field(1000, ge=1, description="Save the embeddings every this many steps; these are "
-                                  "the resume points and the checkpoints sample can use (paper: 1000).")
+    checkpoint_every: int = Field(1000, ge=1, description="Save the embeddings every this many per-embedding "
+                                  "steps (and after the last); these are the resume points and the checkpoints "
+                                  "sample can use (paper: 1000).")
 
     @field_validator("betas")
     @classmethod
@@ -201,8 +205,8 @@ class Sample(_Section):
         "generator's text encoder (seed 003; e.g. CompVis/stable-diffusion-v1-4). Every method makes the same "
         "number of images per train image (before a CLIP filter).")
     checkpoints: list[int | Literal["final"]] = Field(
-        ["final"], min_length=1, description="Embedding checkpoints (steps, or final) to sample from (paper: 1000, "
-        "2000, 3000).")
+        ["final"], min_length=1, description="Embedding checkpoints to sample from, in per-embedding steps (as "
+        "invert.steps), or final (paper: 1000, 2000, 3000).")
     guidance_scales: list[float] = Field([2.0], min_length=1, description="Classifier-free guidance scales w in "
                                          "eps_u + w (eps_c - eps_u), the convention of the reference code and "
                                          "diffusers (1 = no guidance; reference code: 2.0; paper: 2, studied 2, 3, "
@@ -375,7 +379,7 @@ class Params(_Section):
             if c != "final" and (c > self.invert.steps or c % self.invert.checkpoint_every):
                 raise ValueError(
                     f"sample.checkpoints: step {c} is not saved by invert (saved every "
-                    f"{self.invert.checkpoint_every} up to {self.invert.steps}); use a multiple of "
+                    f"{self.invert.checkpoint_every} per-embedding steps up to {self.invert.steps}); use a multiple of "
                     "invert.checkpoint_every or 'final'")
         from thinair.study import check_space
 
