@@ -4,7 +4,8 @@ Protocol (paper): SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, warm-u
 crop with padding (+ flip where the domain allows), optional extra augmentations (``cas.augment``).
 real+synthetic mixes each batch at ``cas.real_fraction``. Every mode is trained ``cas.seeds`` times
 (different seeds) and reported as mean +- std. Scaling studies: synthetic-only CAS against the number
-of variants per embedding (``cas.scale_synthetic``) and against the share of real train images whose
+of variants per embedding (``cas.scale_synthetic``; the first n variants of every embedding, sample by sample
+across all checkpoint x guidance settings: :func:`variant_rank`) and against the share of real train images whose
 embeddings are used (``cas.scale_real``, with real-only on the same images beside it).
 
 Reads ``data/ingest``, ``data/sample`` (and the generator when ``cas.reconstructed_test``). Writes
@@ -33,14 +34,44 @@ STAGE = "cas"
 RETRIES = (1, 5)
 
 
-def first_variants(syn: Synthetic, n: int) -> np.ndarray:
-    """Rows of the first `n` variants of every embedding (sample writes them in variant-major order)."""
-    order = np.argsort(syn.source, kind="stable")
+def _rank_within(group: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Each row's rank by `key` among the rows of its `group` (ties in file order). (M,), (M,) -> (M,)."""
+    order = np.lexsort((np.arange(len(group)), key, group))
+    starts = np.r_[0, np.flatnonzero(np.diff(group[order])) + 1]
     rank = np.empty(len(order), np.int64)
-    starts = np.r_[0, np.flatnonzero(np.diff(syn.source[order])) + 1]
-    sizes = np.diff(np.r_[starts, len(order)])
-    rank[order] = np.arange(len(order)) - np.repeat(starts, sizes)
-    return np.flatnonzero(rank < n)
+    rank[order] = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    return rank
+
+
+def _first_seen(values: np.ndarray | None, m: int) -> np.ndarray:
+    """Codes 0.. of `values` in order of first appearance (sample's order of the params list); zeros if absent."""
+    if values is None:
+        return np.zeros(m, np.int64)
+    _, first, inverse = np.unique(values, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse.reshape(-1)]
+
+
+def variant_rank(syn: Synthetic) -> np.ndarray:
+    """Each synthetic image's rank among its embedding's variants, the order the scaling study takes them in.
+
+    Sample index s is outermost: the first sample of every (checkpoint, guidance) setting, then the second, and so
+    on. Within one s the C x W settings go in diagonal order, so that any max(C, W) consecutive ones cover every
+    checkpoint and every guidance scale: with C >= W, setting (i, j) comes at ((j - i) mod W) * C + i (3 x 3:
+    (1K, 2), (2K, 3), (3K, 4), (1K, 3), (2K, 4), (3K, 2), ...), else at ((i - j) mod C) * W + j. So the first n
+    variants of every embedding span all settings as soon as n >= max(C, W), and n = C x W x S is all of them.
+    With one checkpoint and one guidance scale this is the file order.
+    """
+    m = len(syn.source)
+    ci, wi = _first_seen(syn.checkpoint, m), _first_seen(syn.guidance, m)
+    c, w = int(ci.max(initial=0)) + 1, int(wi.max(initial=0)) + 1
+    s = _rank_within(syn.source * c * w + ci * w + wi, np.zeros(m, np.int64))  # sample index within its setting
+    slot = ((wi - ci) % w) * c + ci if c >= w else ((ci - wi) % c) * w + wi
+    return _rank_within(syn.source, s * c * w + slot)
+
+
+def first_variants(syn: Synthetic, n: int) -> np.ndarray:
+    """Rows of the first `n` variants of every embedding in :func:`variant_rank`'s order (all settings first)."""
+    return np.flatnonzero(variant_rank(syn) < n)
 
 
 def real_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -46,6 +46,8 @@ class Synthetic:
     labels: np.ndarray  # (M,)
     source: np.ndarray  # (M,) train row of the embedding each image came from
     partner: np.ndarray  # (M,) train row of its interpolation partner, -1 = none
+    checkpoint: np.ndarray | None = None  # (M,) embedding checkpoint it was sampled from (-1 = final)
+    guidance: np.ndarray | None = None  # (M,) guidance scale it was sampled with
 
 
 def read_synthetic(root: str | Path = ".") -> Synthetic:
@@ -53,8 +55,9 @@ def read_synthetic(root: str | Path = ".") -> Synthetic:
     d = paths.stage_dir("sample", root)
     manifest = io.read_json(require(d / io.MANIFEST, "sample"))
     parts = [io.load_npz(d / f) for f in manifest["chunks"]]
-    return Synthetic(*(np.concatenate([p[k] for p in parts])
-                       for k in ("images", "labels", "source_index", "partner_index")))
+    keys = ["images", "labels", "source_index", "partner_index"]
+    keys += [k for k in ("checkpoint", "guidance") if parts and all(k in p for p in parts)]
+    return Synthetic(*(np.concatenate([p[k] for p in parts]) for k in keys))
 
 
 def upstream_chunks(stage: str, root: str | Path = ".") -> list:
