@@ -67,6 +67,41 @@ def test_scaling_study_reaches_all_45_variants(tiny_generator):
     assert set(syn.checkpoint[first]) == {1} and set(syn.guidance[first]) == {2.0}
 
 
+def test_real_fractions_train_every_ratio_and_report_the_best(tiny_generator, tmp_path):
+    """The paper's protocol: real+synthetic once per real share (named by its ratio), the best flagged as chosen on
+    test; each ratio's batches really mix at its share."""
+    params = parse_params(tiny_params(tiny_generator, cas={
+        "seeds": 1, "modes": ["real", "real+synthetic"], "real_fractions": [0.125, 0.75], "scale_synthetic": [],
+        "scale_real": [], "reconstructed_test": True}))
+    assert cas_stage.trained_modes(params) == ["real", "real+synthetic@1:7", "real+synthetic@3:1"]
+    real = cas_stage.LabelledImages(np.zeros((2, 2, 2, 1), np.uint8), np.arange(2), ["a", "b"])
+    shares = {m: [s for _, _, s in cas_stage.mode_sources(params, m, real, real)] for m in ("real+synthetic@1:7",
+                                                                                          "real+synthetic@3:1")}
+    assert shares == {"real+synthetic@1:7": [0.125, 0.875], "real+synthetic@3:1": [0.75, 0.25]}
+    run_all(params, tmp_path, ("ingest", "encode", "invert", "sample", "cas"))
+    metric = io.read_json(tmp_path / "data" / "cas" / "cas.json")
+    acc = metric["accuracy"]
+    assert set(acc) == {"real", "real+synthetic@1:7", "real+synthetic@3:1", "real+synthetic"}
+    best = max(["real+synthetic@1:7", "real+synthetic@3:1"], key=lambda m: acc[m]["mean"])
+    assert acc["real+synthetic"] == acc[best] | {"mode": best, "real_fraction": {"real+synthetic@1:7": 0.125,
+                                                 "real+synthetic@3:1": 0.75}[best], "chosen_on": "test"}
+    assert metric["real+synthetic_best"]["ratios"] == {"real+synthetic@1:7": 0.125, "real+synthetic@3:1": 0.75}
+    assert set(metric["reconstructed_accuracy"]) == set(acc)
+    names = [r["mode"] for r in cas_stage.tables(tmp_path)["cas"][1]]
+    assert f"real+synthetic (best: {best}, chosen on test)" in names
+
+
+def test_real_fractions_null_trains_the_modes_as_before(tiny_generator):
+    params = parse_params(tiny_params(tiny_generator, cas={"scale_synthetic": [], "scale_real": []}))
+    assert params.cas.real_fractions is None and cas_stage.trained_modes(params) == list(params.cas.modes)
+    names = [u["name"] for u in cas_stage.units(params)]
+    assert names == [f"{m}-seed{s}" for m in params.cas.modes for s in cas_stage.run_seeds(params, m)]
+    with pytest.raises(ParamsError, match="real_fractions is used only by mode real\\+synthetic"):
+        parse_params(tiny_params(tiny_generator, cas={"modes": ["real"], "real_fractions": [0.5]}))
+    with pytest.raises(ParamsError, match="repeats a ratio"):
+        parse_params(tiny_params(tiny_generator, cas={"real_fractions": [0.5, 0.5]}))
+
+
 def test_real_subset_is_stratified_and_seeded():
     labels = np.repeat(np.arange(4), 25)
     a = cas_stage.real_subset(labels, 0.2, seed=1)

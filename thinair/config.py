@@ -37,7 +37,8 @@ class Base(_Section):
                                         "null = the dataset's native resolution.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Weights/activations of the generator; float16/bfloat16 on GPUs (embeddings and "
-        "their optimiser stay float32).")
+        "their optimiser stay float32; latents are stored float32). bfloat16 also runs on the CPU (slowly: a check of "
+        "the half-precision path), float16 does not.")
     chunk_size: int = Field(100, ge=1, description="Images per encode/invert/sample chunk (the unit of resume).")
     workers: int = Field(1, ge=1, le=64, description="Chunk tasks run at once (one per device).")
     task_runner: Literal["thread", "process", "dask", "ray"] = Field(
@@ -276,6 +277,14 @@ class Metrics(_Section):
         return self
 
 
+def real_ratio(fraction: float) -> str:
+    """A real share per batch as the paper's real:synthetic ratio: 0.125 -> "1:7", 0.75 -> "3:1"."""
+    from fractions import Fraction
+
+    f = Fraction(fraction).limit_denominator(64)
+    return f"{f.numerator}:{f.denominator - f.numerator}"
+
+
 class Cas(_Section):
     model: Literal["smallcnn", "resnet18", "vgg16", "mobilenetv2", "shufflenetv2", "efficientnet_b0"] = Field(
         "resnet18", description="Classifier, torchvision definitions without pretrained weights (paper: ResNet-18; "
@@ -299,6 +308,11 @@ class Cas(_Section):
     flip: bool = Field(True, description="Random horizontal flip (paper: on; off for digits).")
     real_fraction: float = Field(0.5, gt=0, lt=1, description="Share of real images per batch in real+synthetic "
                                  "(paper's ratios 1:7 .. 7:1 = 0.125 .. 0.875).")
+    real_fractions: list[float] | None = Field(
+        None, min_length=1, description="The paper's real + synthetic protocol: train real+synthetic once per share "
+        "of real images per batch (paper: [0.125, 0.25, 0.5, 0.75, 0.875] = 1:7, 1:3, 1:1, 3:1, 7:1); cas.json "
+        "reports each as mode real+synthetic@R:S and, under real+synthetic, the best one, chosen on the test split "
+        "as the paper's Table 7 does (optimistic; flagged chosen_on: test). null = cas.real_fraction only.")
     augment: list[Literal["autoaugment", "randaugment", "augmix", "cutout", "mixup", "cutmix"]] = Field(
         [], description="Extra training augmentations on top of crop/flip.")
     seeds: int = Field(3, ge=1, le=20, description="Repeated trainings per mode (different seeds), reported as "
@@ -319,6 +333,21 @@ class Cas(_Section):
         if self.steps is not None and self.warmup_steps > self.steps:
             raise ValueError(f"cas.warmup_steps={self.warmup_steps} exceeds cas.steps={self.steps}; lower it "
                              "(reference code: 1000 of 50000)")
+        return self
+
+    @model_validator(mode="after")
+    def _ratios(self) -> Cas:
+        if self.real_fractions is None:
+            return self
+        if not all(0 < f < 1 for f in self.real_fractions):
+            raise ValueError(f"cas.real_fractions={self.real_fractions}: every share must be in (0, 1) "
+                             "(paper: 0.125, 0.25, 0.5, 0.75, 0.875)")
+        names = [real_ratio(f) for f in self.real_fractions]
+        if len(set(names)) < len(names):
+            raise ValueError(f"cas.real_fractions={self.real_fractions} repeats a ratio ({', '.join(names)})")
+        if "real+synthetic" not in self.modes:
+            raise ValueError("cas.real_fractions is used only by mode real+synthetic; add it to cas.modes or set "
+                             "cas.real_fractions: null")
         return self
 
     @field_validator("scale_real")
