@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
 from tests.conftest import tiny_params
 from tests.stages import run_all
