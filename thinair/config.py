@@ -188,6 +188,8 @@ class Classenc(_Section):
                                                        "with the encoder frozen (all weights, or peft LoRA).")
     finetune_steps: int = Field(500, ge=1, description="Phase 2 steps.")
     finetune_lr: float = Field(1e-5, gt=0, description="Phase 2 learning rate (seed 002: 1e-5).")
+    finetune_batch_size: int | None = Field(None, ge=1, description="Phase 2 images per step (seed 002: 16); null = "
+                                            "classenc.batch_size.")
     lora_rank: int = Field(4, ge=1, description="LoRA rank for finetune: lora.")
     checkpoint_every: int = Field(500, ge=1, description="Resume checkpoint interval (steps).")
 
