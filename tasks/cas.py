@@ -2,13 +2,13 @@
 
 Protocol (paper): SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, warm-up + cosine, random
 crop with padding (+ flip where the domain allows), optional extra augmentations (``cas.augment``).
-real+synthetic mixes each batch at ``cas.real_fraction``, or once per
-ratio of ``cas.real_fractions`` (modes ``real+synthetic@R:S``; ``real+synthetic`` then reports the best ratio, chosen on
-the test split as the paper's Table 7 does, and flagged ``chosen_on: test``). Every mode is trained ``cas.seeds`` times
-(different seeds) and reported as mean +- std. Scaling studies: synthetic-only CAS against the number
-of variants per embedding (``cas.scale_synthetic``; the first n variants of every embedding, sample by sample
-across all checkpoint x guidance settings: :func:`variant_rank`) and against the share of real train images whose
-embeddings are used (``cas.scale_real``, with real-only on the same images beside it).
+real+synthetic mixes each batch at ``cas.real_fraction``, or once per ratio of ``cas.real_fractions`` (modes
+``real+synthetic@R:S``; ``real+synthetic`` then reports the best ratio, chosen on the test split as the paper's
+Table 7 does, and flagged ``chosen_on: test``). Every mode is trained ``cas.seeds`` times (different seeds) and
+reported as mean +- std. Scaling studies: synthetic-only CAS against the number of variants per embedding
+(``cas.scale_synthetic``; the first n variants of every embedding, sample by sample across all checkpoint x guidance
+settings: thinair/upstream.py ``variant_rank``) and against the share of real train images whose embeddings are used
+(``cas.scale_real``, with real-only on the same images beside it).
 
 Reads ``data/ingest``, ``data/sample`` (and the generator when ``cas.reconstructed_test``). Writes
 ``data/cas/cas.json`` (the DVC metric: accuracy mean/std per mode), ``data/cas/details.json`` (every
@@ -30,45 +30,10 @@ from thinair.diffusion import reconstruct
 from thinair.generator import generator_for, runtime_key
 from thinair.training import train_and_test, training_parts
 from thinair.units import Checkpoint, cached, code_key, content_key
-from thinair.upstream import LabelledImages, Synthetic, read_split, read_synthetic
+from thinair.upstream import LabelledImages, Synthetic, read_split, read_synthetic, variant_rank
 
 STAGE = "cas"
 RETRIES = (1, 5)
-
-
-def _rank_within(group: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Each row's rank by `key` among the rows of its `group` (ties in file order). (M,), (M,) -> (M,)."""
-    order = np.lexsort((np.arange(len(group)), key, group))
-    starts = np.r_[0, np.flatnonzero(np.diff(group[order])) + 1]
-    rank = np.empty(len(order), np.int64)
-    rank[order] = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    return rank
-
-
-def _first_seen(values: np.ndarray | None, m: int) -> np.ndarray:
-    """Codes 0.. of `values` in order of first appearance (sample's order of the params list); zeros if absent."""
-    if values is None:
-        return np.zeros(m, np.int64)
-    _, first, inverse = np.unique(values, return_index=True, return_inverse=True)
-    return np.argsort(np.argsort(first))[inverse.reshape(-1)]
-
-
-def variant_rank(syn: Synthetic) -> np.ndarray:
-    """Each synthetic image's rank among its embedding's variants, the order the scaling study takes them in.
-
-    Sample index s is outermost: the first sample of every (checkpoint, guidance) setting, then the second, and so
-    on. Within one s the C x W settings go in diagonal order, so that any max(C, W) consecutive ones cover every
-    checkpoint and every guidance scale: with C >= W, setting (i, j) comes at ((j - i) mod W) * C + i (3 x 3:
-    (1K, 2), (2K, 3), (3K, 4), (1K, 3), (2K, 4), (3K, 2), ...), else at ((i - j) mod C) * W + j. So the first n
-    variants of every embedding span all settings as soon as n >= max(C, W), and n = C x W x S is all of them.
-    With one checkpoint and one guidance scale this is the file order.
-    """
-    m = len(syn.source)
-    ci, wi = _first_seen(syn.checkpoint, m), _first_seen(syn.guidance, m)
-    c, w = int(ci.max(initial=0)) + 1, int(wi.max(initial=0)) + 1
-    s = _rank_within(syn.source * c * w + ci * w + wi, np.zeros(m, np.int64))  # sample index within its setting
-    slot = ((wi - ci) % w) * c + ci if c >= w else ((ci - wi) % c) * w + wi
-    return _rank_within(syn.source, s * c * w + slot)
 
 
 def first_variants(syn: Synthetic, n: int) -> np.ndarray:

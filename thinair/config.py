@@ -324,7 +324,7 @@ class Cas(_Section):
     scale_synthetic: list[int] = Field([1, 2, 3, 4, 5], description="Scaling study: synthetic-only CAS using the "
                                        "first this many variants of every embedding (at most all sampled; the "
                                        "paper's 45 = 3 checkpoints x 3 guidance x 5), taken sample by sample across "
-                                       "every checkpoint x guidance setting in diagonal order (tasks/cas.py "
+                                       "every checkpoint x guidance setting in diagonal order (thinair/upstream.py "
                                        "variant_rank), so n >= 3 spans all checkpoints and guidance scales; [] = off.")
     scale_real: list[float] = Field([0.1, 0.25, 0.5, 1.0], description="Scaling study: CAS using the embeddings "
                                     "of this fraction of the real train images (synthetic-only, and real-only on "
