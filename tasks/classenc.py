@@ -87,7 +87,7 @@ def train(params: Params, root: str | Path = ".", device=None, key: str = "") ->
         common["generator"] = torch.Generator().manual_seed(io.seed_for(b.seed, STAGE, "finetune"))
         losses["finetune"] = core.finetune_unet(
             unet, sched, latents.to(device), labels.to(device), encoder.to(device), steps=p.finetune_steps,
-            batch_size=p.batch_size, lr=p.finetune_lr, mode=p.finetune, lora_rank=p.lora_rank,
+            batch_size=p.finetune_batch_size or p.batch_size, lr=p.finetune_lr, mode=p.finetune, lora_rank=p.lora_rank,
             weight_decay=p.weight_decay, grad_clip=p.grad_clip, label_dropout=p.label_dropout,
             init_generator=torch.Generator().manual_seed(io.seed_for(b.seed, STAGE, "lora")),
             on_checkpoint=saver("finetune"), state=resume("finetune"), **common)

@@ -6,8 +6,16 @@ a batch of the chunk's images with a latent re-sampled from the VAE posterior, t
 plain noise MSE. Reads ``data/encode`` and the generator. Writes ``data/invert/train-NNNNN.safetensors``
 (``embeddings`` = final, ``step_<k>`` checkpoints, ``labels``, ``index``), ``data/invert/losses.json``
 and ``data/invert/manifest.json`` (last). Work in progress is checkpointed to ``.thinair/work/invert``
-every ``invert.checkpoint_every`` steps, so a killed run resumes from the latest checkpoint; finished
-chunks come from the chunk cache.
+at every saved checkpoint, so a killed run resumes from the latest one; finished chunks come from the chunk cache.
+
+**Steps count updates per embedding** (the reference code's and the paper's "3K steps"; its sampler loads
+``learned_embeds-steps-{train_steps*2}.bin`` for groups of 100 at batch 50). With n images in a chunk and batch b
+(``min(invert.batch_size, n)``) a chunk runs ``ceil(invert.steps * n / b)`` optimiser steps; its batches are cut from
+a stream of seeded permutations of the chunk (one epoch each), so every embedding gets ``steps`` updates (one more
+for some when b does not divide steps * n). ``invert.checkpoint_every``, the ``step_<k>`` keys, the manifest's
+``checkpoints``, ``sample.checkpoints`` and the x of every loss point (``[updates per embedding, loss]``, one point
+per optimiser step) are in the same per-embedding units. With b = n (the embedded default) one optimiser step is one
+update of every embedding.
 """
 from __future__ import annotations
 
@@ -38,9 +46,10 @@ def init_embeddings(n: int, tokens: int, dim: int, rng: torch.Generator) -> torc
 def denoising_loss(unet, noisy, noise, t, ctx) -> torch.Tensor:
     """The plain noise-prediction MSE of the frozen UNet for contexts `ctx` (B, T, D) on noisy latents (B, 4, h, w).
 
-    The UNet's weights have ``requires_grad=False``, so backward computes only input (embedding) gradients.
+    The UNet's weights have ``requires_grad=False``, so backward computes only input (embedding) gradients. Latents
+    and contexts are cast to the UNet's dtype (float16/bfloat16 generators); the loss is computed in float32.
     """
-    pred = unet(noisy, t, encoder_hidden_states=ctx.to(unet.dtype)).sample
+    pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=ctx.to(unet.dtype)).sample
     return F.mse_loss(pred.float(), noise.float())
 
 
@@ -51,34 +60,72 @@ def embedding_grads(unet, noisy, noise, t, ctx) -> torch.Tensor:
     return ctx.grad
 
 
+def optimiser_steps(updates: int, n: int, batch: int) -> int:
+    """Optimiser steps of batch `batch` that give each of `n` embeddings `updates` updates: ceil(updates * n / batch)."""
+    return -(-updates * n // batch)
+
+
+def per_embedding(step: int, n: int, batch: int) -> int | float:
+    """Updates per embedding after `step` optimiser steps (an int when whole, so b = n keeps integer steps)."""
+    whole, rest = divmod(step * batch, n)
+    return whole if rest == 0 else round(step * batch / n, 4)
+
+
+def checkpoint_updates(p) -> list[int]:
+    """The per-embedding update counts saved as ``step_<k>``: every ``checkpoint_every``, and ``steps``."""
+    return sorted(set(range(p.checkpoint_every, p.steps + 1, p.checkpoint_every)) | {p.steps})
+
+
+def next_rows(stream: dict, n: int, batch: int, rng: torch.Generator) -> torch.Tensor:
+    """The next `batch` rows of a stream of seeded permutations of ``range(n)`` (one epoch each), drawn lazily.
+
+    `stream` ({"perm": (n,) int64, "pos": int}) is updated in place and saved in the resume checkpoint. A batch that
+    crosses an epoch boundary takes the rest of one permutation and the start of the next.
+    """
+    parts, need = [], batch
+    while need:
+        if stream["pos"] >= n:
+            stream["perm"], stream["pos"] = torch.randperm(n, generator=rng), 0
+        take = stream["perm"][stream["pos"]:stream["pos"] + need]
+        stream["pos"] += len(take)
+        need -= len(take)
+        parts.append(take)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, rng: torch.Generator, chunk: int,
                 state: dict | None = None, on_checkpoint=None, device="cpu"):
-    """Optimise embeddings for the latents of one chunk.
+    """Optimise embeddings for the latents of one chunk: ``p.steps`` updates per embedding (module docstring).
 
     Args:
         mean, logvar: VAE posterior of the chunk's images, (n, 4, h, w).
-        state: a checkpoint from `on_checkpoint` to resume from, or None.
-        on_checkpoint: called as ``on_checkpoint(step, state)`` every ``p.checkpoint_every`` steps.
-    Returns:
-        (final embeddings (n, T, D), {step: embeddings} checkpoints, losses [(step, loss)]).
         rng: the torch.Generator every draw comes from (its state is part of the checkpoint).
+        state: a checkpoint from `on_checkpoint` to resume from, or None.
+        on_checkpoint: called as ``on_checkpoint(k, state)`` at every saved checkpoint but the last (k in updates per
+            embedding; ``state["step"]`` is the optimiser step).
+    Returns:
+        (final embeddings (n, T, D), {k: embeddings} checkpoints by updates per embedding,
+        losses [[updates per embedding, loss]] one per optimiser step).
     """
     n = len(mean)
     dim = unet.config.cross_attention_dim
     emb = torch.nn.Parameter(init_embeddings(n, p.num_tokens, dim, rng).to(device))
     opt = torch.optim.AdamW([emb], lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
     ckpts, losses, start = {}, [], 0
+    stream = {"perm": torch.arange(n), "pos": n}  # exhausted: the first step draws the first permutation
     if state is not None:
         emb.data.copy_(state["embeddings"].to(device))
         opt.load_state_dict(state["opt"])
         rng.set_state(state["rng"])
         ckpts = {int(k): v for k, v in state["ckpts"].items()}
         losses, start = json.loads(state["losses"]), int(state["step"])
+        stream = {"perm": state["perm"], "pos": int(state["pos"])}
     mean, std = mean.to(device), torch.exp(0.5 * logvar).to(device)
     batch = min(p.batch_size, n)
+    saves = {optimiser_steps(k, n, batch): k for k in checkpoint_updates(p)}  # optimiser step -> updates/embedding
     micro = batch  # halved on out-of-memory: the same step as micro-batches with accumulated gradients
-    for step in range(start + 1, p.steps + 1):
-        idx = torch.randperm(n, generator=rng)[:batch]
+    for step in range(start + 1, optimiser_steps(p.steps, n, batch) + 1):
+        idx = next_rows(stream, n, batch, rng)
         eps_z = torch.randn(mean[idx].shape, generator=rng).to(device)
         z0 = (mean[idx] + std[idx] * eps_z) * scaling  # posterior re-sampled every step, (B, 4, h, w)
         noise = torch.randn(z0.shape, generator=rng).to(device)
@@ -103,13 +150,15 @@ def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, rng: torch.G
 
         loss = with_halving(micro, step_loss, f"invert chunk {chunk} step {step}")
         opt.step()
-        losses.append([step, round(loss, 6)])
-        if step % p.checkpoint_every == 0 or step == p.steps:
-            ckpts[step] = emb.detach().cpu().clone()
-            if on_checkpoint is not None and step < p.steps:
-                on_checkpoint(step, {"embeddings": emb.detach().cpu().clone(), "opt": copy.deepcopy(opt.state_dict()),
-                                     "rng": rng.get_state(), "ckpts": {str(k): v for k, v in ckpts.items()},
-                                     "losses": json.dumps(losses), "step": step})
+        losses.append([per_embedding(step, n, batch), round(loss, 6)])
+        if step in saves:
+            k = saves[step]
+            ckpts[k] = emb.detach().cpu().clone()
+            if on_checkpoint is not None and k < p.steps:
+                on_checkpoint(k, {"embeddings": emb.detach().cpu().clone(), "opt": copy.deepcopy(opt.state_dict()),
+                                  "rng": rng.get_state(), "ckpts": {str(k): v for k, v in ckpts.items()},
+                                  "losses": json.dumps(losses), "step": step, "perm": stream["perm"].clone(),
+                                  "pos": stream["pos"]})
     return emb.detach().cpu(), ckpts, losses
 
 
@@ -128,7 +177,8 @@ def key(params: Params, unit: dict, root: str | Path = ".") -> list:
 
 
 def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> None:
-    """Invert one chunk into `out`, checkpointing every ``invert.checkpoint_every`` steps (resumed after a kill)."""
+    """Invert one chunk into `out`, checkpointing every ``invert.checkpoint_every`` updates per embedding (resumed
+    after a kill)."""
     from diffusers import DDPMScheduler
 
     b, p, chunk = params.base, params.invert, unit["chunk"]
@@ -147,17 +197,21 @@ def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", devic
 
 
 def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
-    """Write the loss summary and the manifest; drop stale chunk files."""
+    """Write the loss summary (mean loss over the first / last ``window`` updates per embedding) and the manifest
+    (``checkpoints`` in updates per embedding); drop stale chunk files."""
     out = paths.stage_dir(STAGE, root)
     files = [r["unit"]["file"] for r in records]
     curves = {f: io.load_metadata(out / f)["losses"] for f in files}
-    window = max(1, params.invert.steps // 20)
-    summary = {f: {"first": sum(l for _, l in c[:window]) / len(c[:window]),
-                   "last": sum(l for _, l in c[-window:]) / len(c[-window:])} for f, c in curves.items()}
+    steps = params.invert.steps
+    window = max(1, steps // 20)  # in updates per embedding, like the curves' x
+
+    def mean_loss(points: list) -> float:
+        return sum(l for _, l in points) / len(points)
+
+    summary = {f: {"first": mean_loss([q for q in c if q[0] <= window]),
+                   "last": mean_loss([q for q in c if q[0] > steps - window])} for f, c in curves.items()}
     io.write_json(out / "losses.json", {"window": window, "chunks": summary, "curves": curves})
-    manifest = {"chunks": files, "steps": params.invert.steps,
-                "checkpoints": sorted({s for c in curves.values() for s, _ in c
-                                       if s % params.invert.checkpoint_every == 0 or s == params.invert.steps}),
+    manifest = {"chunks": files, "steps": steps, "checkpoints": checkpoint_updates(params.invert),
                 "num_tokens": params.invert.num_tokens}
     clean_dir(out, set(files) | {io.MANIFEST, "losses.json"})
     io.write_json(out / io.MANIFEST, manifest)

@@ -142,11 +142,12 @@ def report(params: Params, root: str | Path = ".") -> Path:
     paper = PAPER_CAS.get(b.dataset)
     cas_rows = []
     for mode, acc in cas["accuracy"].items():
-        row = [mode, f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}", acc["n"]]
+        label = f"{mode} (best: {acc['mode'].partition('@')[2]}, chosen on {acc['chosen_on']})" if "mode" in acc else mode
+        row = [label, f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}", acc["n"]]
         if "reconstructed_accuracy" in cas:
             r = cas["reconstructed_accuracy"][mode]
             row.append(f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}")
-        cas_rows.append(row + ([paper[MODE_INDEX[mode]]] if paper else []))
+        cas_rows.append(row + ([paper[MODE_INDEX[mode]] if mode in MODE_INDEX else ""] if paper else []))
     cas_header = ["trained on", "accuracy (%)", "seeds"] + (["on VAE-reconstructed test (%)"]
                                                              if "reconstructed_accuracy" in cas else [])
     cas_header += ["paper, ResNet-18 (%)"] if paper else []

@@ -9,7 +9,9 @@ same class (never c_i), the unconditional context is the mean learned embedding 
 Writes ``data/sample/train-NNNNN.npz`` (``images`` uint8 (M, H, W, C), ``labels``, ``source_index``,
 ``partner_index``, ``checkpoint`` (-1 = final), ``guidance``, ``seed``), ``data/sample/provenance.csv``
 (one row per image: file, row, source, partner, alpha, lambda, guidance, checkpoint, scheduler, steps,
-seed) and ``data/sample/manifest.json`` (last). ``sample.method: prompts`` (text prompts through the generator's
+seed) and ``data/sample/manifest.json`` (last). Files hold the plan's order: checkpoint, then guidance, then sample
+index, then embedding (cas's scaling study re-ranks each embedding's variants across settings:
+thinair/upstream.py ``variant_rank``). ``sample.method: prompts`` (text prompts through the generator's
 text encoder, txt2img or img2img, optional CLIP-score filter) lives in thinair/prompt_sampling.py; it adds ``prompt`` (and
 ``clip_score`` / ``dropped_*``) arrays, provenance columns and ``clip_dropped.csv``.
 """

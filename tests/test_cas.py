@@ -25,6 +25,83 @@ def test_first_variants_takes_each_embeddings_first_n():
     assert cas_stage.first_variants(syn, 9).tolist() == list(range(9))
 
 
+def _paper_scale_synthetic(tiny_generator, embeddings: int = 4):
+    """A synthetic set laid out exactly as sample writes it: 3 checkpoints x 3 guidance x 5 samples per embedding."""
+    from thinair.tasks.sample import plan_variants
+
+    p = parse_params(tiny_params(tiny_generator, invert={"steps": 3, "checkpoint_every": 1},
+                                 sample={"checkpoints": [1, 2, 3], "guidance_scales": [2.0, 3.0, 4.0],
+                                         "samples_per_setting": 5}))
+    labels = np.arange(embeddings) % 2
+    plan = plan_variants(labels, np.arange(embeddings), p.sample, seed=0, chunk=0)
+    rows = np.array([r["row"] for r in plan])
+    syn = Synthetic(np.zeros((len(plan), 2, 2, 1), np.uint8), labels[rows], rows, np.full(len(plan), -1),
+                    np.array([r["ckpt"] for r in plan]), np.array([r["w"] for r in plan], np.float32))
+    return p, syn
+
+
+def test_first_variants_span_every_checkpoint_and_guidance(tiny_generator):
+    """The paper's 45 variants (3 checkpoints x 3 guidance x 5): the first n of every embedding are spread over the
+    settings, not the first checkpoint's first guidance scale; 9 = one of each setting; 45 = all."""
+    _, syn = _paper_scale_synthetic(tiny_generator)
+    for n in (1, 3, 5, 9, 18, 27, 45):
+        rows = cas_stage.first_variants(syn, n)
+        for e in range(4):
+            mine = rows[syn.source[rows] == e]
+            settings = list(zip(syn.checkpoint[mine].tolist(), syn.guidance[mine].tolist()))
+            assert len(mine) == n
+            if n >= 3:
+                assert set(syn.checkpoint[mine]) == {1, 2, 3} and set(syn.guidance[mine]) == {2.0, 3.0, 4.0}
+            counts = np.unique(settings, axis=0, return_counts=True)[1]
+            assert counts.max() - (counts.min() if len(counts) == 9 else 0) <= 1  # spread evenly over settings
+    assert len(cas_stage.first_variants(syn, 45)) == len(syn.source) == 4 * 45
+
+
+def test_scaling_study_reaches_all_45_variants(tiny_generator):
+    p, syn = _paper_scale_synthetic(tiny_generator)
+    p = p.model_copy(update={"cas": p.cas.model_copy(update={"scale_synthetic": [1, 9, 45, 90], "scale_real": []})})
+    real = cas_stage.LabelledImages(np.zeros((4, 2, 2, 1), np.uint8), np.arange(4) % 2, ["a", "b"])
+    runs = cas_stage.scaling_runs(p, real, syn)
+    assert [(r["x"], r["images"]) for r in runs] == [(1, 4), (9, 36), (45, 180)]  # 90 is capped at the 45 sampled
+    first = runs[0]["rows"]  # one variant each, and the first sample of a setting (diagonal order starts at 1K, w=2)
+    assert set(syn.checkpoint[first]) == {1} and set(syn.guidance[first]) == {2.0}
+
+
+def test_real_fractions_train_every_ratio_and_report_the_best(tiny_generator, tmp_path):
+    """The paper's protocol: real+synthetic once per real share (named by its ratio), the best flagged as chosen on
+    test; each ratio's batches really mix at its share."""
+    params = parse_params(tiny_params(tiny_generator, cas={
+        "seeds": 1, "modes": ["real", "real+synthetic"], "real_fractions": [0.125, 0.75], "scale_synthetic": [],
+        "scale_real": [], "reconstructed_test": True}))
+    assert cas_stage.trained_modes(params) == ["real", "real+synthetic@1:7", "real+synthetic@3:1"]
+    real = cas_stage.LabelledImages(np.zeros((2, 2, 2, 1), np.uint8), np.arange(2), ["a", "b"])
+    shares = {m: [s for _, _, s in cas_stage.mode_sources(params, m, real, real)] for m in ("real+synthetic@1:7",
+                                                                                          "real+synthetic@3:1")}
+    assert shares == {"real+synthetic@1:7": [0.125, 0.875], "real+synthetic@3:1": [0.75, 0.25]}
+    run_all(params, tmp_path, ("ingest", "encode", "invert", "sample", "cas"))
+    metric = io.read_json(tmp_path / "data" / "cas" / "cas.json")
+    acc = metric["accuracy"]
+    assert set(acc) == {"real", "real+synthetic@1:7", "real+synthetic@3:1", "real+synthetic"}
+    best = max(["real+synthetic@1:7", "real+synthetic@3:1"], key=lambda m: acc[m]["mean"])
+    assert acc["real+synthetic"] == acc[best] | {"mode": best, "real_fraction": {"real+synthetic@1:7": 0.125,
+                                                 "real+synthetic@3:1": 0.75}[best], "chosen_on": "test"}
+    assert metric["real+synthetic_best"]["ratios"] == {"real+synthetic@1:7": 0.125, "real+synthetic@3:1": 0.75}
+    assert set(metric["reconstructed_accuracy"]) == set(acc)
+    names = [r["mode"] for r in cas_stage.tables(tmp_path)["cas"][1]]
+    assert f"real+synthetic (best: {best}, chosen on test)" in names
+
+
+def test_real_fractions_null_trains_the_modes_as_before(tiny_generator):
+    params = parse_params(tiny_params(tiny_generator, cas={"scale_synthetic": [], "scale_real": []}))
+    assert params.cas.real_fractions is None and cas_stage.trained_modes(params) == list(params.cas.modes)
+    names = [u["name"] for u in cas_stage.units(params)]
+    assert names == [f"{m}-seed{s}" for m in params.cas.modes for s in cas_stage.run_seeds(params, m)]
+    with pytest.raises(ParamsError, match="real_fractions is used only by mode real\\+synthetic"):
+        parse_params(tiny_params(tiny_generator, cas={"modes": ["real"], "real_fractions": [0.5]}))
+    with pytest.raises(ParamsError, match="repeats a ratio"):
+        parse_params(tiny_params(tiny_generator, cas={"real_fractions": [0.5, 0.5]}))
+
+
 def test_real_subset_is_stratified_and_seeded():
     labels = np.repeat(np.arange(4), 25)
     a = cas_stage.real_subset(labels, 0.2, seed=1)

@@ -19,6 +19,45 @@ def test_every_preset_is_valid_params(name):
     assert p.base.dataset == name and p.invert.lr == 0.03 and p.invert.num_tokens == 5
     assert p.sample.checkpoints == [1000, 2000, 3000] and p.sample.steps == 100
     assert p.base.gen_resolution == (256 if name in ("stl10", "imagenette", "eurosat") else 128)
+    # per-embedding steps: 3000 updates of every embedding, checkpoints at 1K/2K/3K in the same units
+    assert (p.invert.steps, p.invert.checkpoint_every) == (3000, 1000)
+    assert (p.cas.steps, p.cas.warmup_steps, p.cas.seeds) == (50000, 1000, 5) and p.cas.flip  # MedMNIST flips too
+    assert p.cas.real_fractions == [0.125, 0.25, 0.5, 0.75, 0.875] and p.cas.scale_synthetic[-1] == 45
+    assert p.metrics.features == "inception"
+    if name == "imagenette":  # 256 px for inversion and for CAS
+        assert p.ingest.image_size == 256 and p.base.save_resolution in (None, 256)
+    if name.endswith("mnist"):  # the reference's groups of 500 at batch 100: 5 optimiser steps per update
+        assert (p.base.chunk_size, p.invert.batch_size, p.cas.optimizer) == (500, 100, "adamw")
+
+
+def test_preset_stl10_prints_one_checkable_value_per_line(capsys):
+    assert main(["--params", str(ROOT / "params.yaml"), "preset", "stl10"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "dvc exp run -n paper-stl10 \\" and all(ln.endswith(" \\") for ln in lines[:-1])
+    for line in ["-S base.dataset=stl10", "-S base.gen_resolution=256", "-S base.generator=CompVis/stable-diffusion-v1-4",
+                 "-S invert.steps=3000", "-S invert.batch_size=50", "-S invert.checkpoint_every=1000",
+                 "-S invert.lr=0.03", "-S invert.num_tokens=5", "-S 'sample.checkpoints=[1000, 2000, 3000]'",
+                 "-S 'sample.guidance_scales=[2.0, 3.0, 4.0]'", "-S sample.samples_per_setting=5",
+                 "-S sample.scheduler=pndm", "-S sample.steps=100", "-S metrics.features=inception",
+                 "-S cas.model=resnet18", "-S cas.steps=50000", "-S cas.warmup_steps=1000", "-S cas.crop_padding=12",
+                 "-S 'cas.real_fractions=[0.125, 0.25, 0.5, 0.75, 0.875]'",
+                 "-S 'cas.scale_synthetic=[1, 3, 9, 18, 27, 45]'"]:
+        assert f"  {line} \\" in lines or f"  {line}" == lines[-1], line
+
+
+@pytest.mark.parametrize("name,encoder_steps,finetune_steps", [("classenc-cifar10", 50 * 782, 10 * 3125),
+                                                               ("classenc-dermamnist", 50 * 110, 10 * 438)])
+def test_class_encoder_presets_are_seed_002s(name, encoder_steps, finetune_steps):
+    """100 tokens, lr 1e-4 at batch 64 for 50 epochs; fine-tune lr 1e-5 at batch 16 for 10 epochs; DDIM 50, w 7.5
+    (epochs = steps x batch / train images: CIFAR-10 50,000, DermaMNIST 7,007)."""
+    sets = set_args(name)
+    p = load_params(ROOT / "params.yaml", [sets[i + 1] for i in range(0, len(sets), 2)])
+    c = p.classenc
+    assert p.sample.method == "class_encoder" and (c.tokens, c.hidden, c.lr, c.batch_size) == (100, 500, 1e-4, 64)
+    assert (c.steps, c.finetune, c.finetune_lr, c.finetune_batch_size, c.finetune_steps) == (
+        encoder_steps, "full", 1e-5, 16, finetune_steps)
+    assert (p.sample.scheduler, p.sample.steps, p.sample.guidance_scales) == ("ddim", 50, [7.5])
+    assert p.base.gen_resolution == 128 and p.ingest.per_class_limit is None
 
 
 def test_preset_cli_prints_the_experiment(capsys):
@@ -41,4 +80,4 @@ def test_method_presets_are_valid_experiments(name, capsys):
     p = load_params(ROOT / "params.yaml", [sets[i + 1] for i in range(0, len(sets), 2)])
     assert p.sample.method == METHODS[name]["params"]["sample.method"]
     assert main(["--params", str(ROOT / "params.yaml"), "preset", name]) == 0
-    assert capsys.readouterr().out.startswith(f"dvc exp run -n {name} -S sample.method=")
+    assert capsys.readouterr().out.startswith(f"dvc exp run -n {name} \\\n  -S sample.method=")

@@ -207,9 +207,10 @@ def _preset(args) -> int:
     except (ValueError, ParamsError) as err:
         print(f"thinair preset: {err}", file=sys.stderr)
         return EXIT_PARAMS
-    name = args.name if args.name.startswith(("method-", "search-")) else f"paper-{args.name}"
+    name = args.name if args.name.startswith(("method-", "search-", "classenc-")) else f"paper-{args.name}"
     cmd = ["dvc", "exp", "run", "-n", name] + sets
-    print(shlex.join(cmd))
+    # one `-S key=value` per line (a shell line continuation each), so a reader can check every value
+    print(" \\\n  ".join([shlex.join(cmd[:5])] + [shlex.join(sets[i:i + 2]) for i in range(0, len(sets), 2)]))
     return subprocess.call(cmd) if args.run else 0
 
 

@@ -37,7 +37,8 @@ class Base(_Section):
                                         "null = the dataset's native resolution.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Weights/activations of the generator; float16/bfloat16 on GPUs (embeddings and "
-        "their optimiser stay float32).")
+        "their optimiser stay float32; latents are stored float32). bfloat16 also runs on the CPU (slowly: a check of "
+        "the half-precision path), float16 does not.")
     chunk_size: int = Field(100, ge=1, description="Images per encode/invert/sample chunk (the unit of resume).")
     workers: int = Field(1, ge=1, le=64, description="Chunk tasks run at once (one per device).")
     task_runner: Literal["thread", "process", "dask", "ray"] = Field(
@@ -150,13 +151,17 @@ class Encode(_Section):
 
 class Invert(_Section):
     num_tokens: int = Field(5, ge=1, le=77, description="Tokens per learned embedding (paper: 5).")
-    steps: int = Field(3000, ge=1, description="Optimisation steps per chunk (paper: up to 3000).")
-    batch_size: int = Field(50, ge=1, description="Images of the chunk per step (reference: 50 of 100).")
+    steps: int = Field(3000, ge=1, description="Per-embedding steps: updates of every embedding (paper: up to "
+                       "3000; its reference code counts them so). A chunk of n images at batch b runs ceil(steps x n "
+                       "/ b) optimiser steps, batches cut from one seeded permutation of the chunk per epoch.")
+    batch_size: int = Field(50, ge=1, description="Images of the chunk per optimiser step (reference: 50 of 100, "
+                            "i.e. 2 optimiser steps per per-embedding step).")
     lr: float = Field(0.03, gt=0, le=10, description="AdamW learning rate, constant, no warm-up (paper: 0.03).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (paper: 0.9, 0.999).")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (paper: 0.01).")
-    checkpoint_every: int = Field(1000, ge=1, description="Save the embeddings every this many steps; these are "
-                                  "the resume points and the checkpoints sample can use (paper: 1000).")
+    checkpoint_every: int = Field(1000, ge=1, description="Save the embeddings every this many per-embedding "
+                                  "steps (and after the last); these are the resume points and the checkpoints "
+                                  "sample can use (paper: 1000).")
 
     @field_validator("betas")
     @classmethod
@@ -183,6 +188,8 @@ class Classenc(_Section):
                                                        "with the encoder frozen (all weights, or peft LoRA).")
     finetune_steps: int = Field(500, ge=1, description="Phase 2 steps.")
     finetune_lr: float = Field(1e-5, gt=0, description="Phase 2 learning rate (seed 002: 1e-5).")
+    finetune_batch_size: int | None = Field(None, ge=1, description="Phase 2 images per step (seed 002: 16); null = "
+                                            "classenc.batch_size.")
     lora_rank: int = Field(4, ge=1, description="LoRA rank for finetune: lora.")
     checkpoint_every: int = Field(500, ge=1, description="Resume checkpoint interval (steps).")
 
@@ -201,8 +208,8 @@ class Sample(_Section):
         "generator's text encoder (seed 003; e.g. CompVis/stable-diffusion-v1-4). Every method makes the same "
         "number of images per train image (before a CLIP filter).")
     checkpoints: list[int | Literal["final"]] = Field(
-        ["final"], min_length=1, description="Embedding checkpoints (steps, or final) to sample from (paper: 1000, "
-        "2000, 3000).")
+        ["final"], min_length=1, description="Embedding checkpoints to sample from, in per-embedding steps (as "
+        "invert.steps), or final (paper: 1000, 2000, 3000).")
     guidance_scales: list[float] = Field([2.0], min_length=1, description="Classifier-free guidance scales w in "
                                          "eps_u + w (eps_c - eps_u), the convention of the reference code and "
                                          "diffusers (1 = no guidance; reference code: 2.0; paper: 2, studied 2, 3, "
@@ -272,6 +279,14 @@ class Metrics(_Section):
         return self
 
 
+def real_ratio(fraction: float) -> str:
+    """A real share per batch as the paper's real:synthetic ratio: 0.125 -> "1:7", 0.75 -> "3:1"."""
+    from fractions import Fraction
+
+    f = Fraction(fraction).limit_denominator(64)
+    return f"{f.numerator}:{f.denominator - f.numerator}"
+
+
 class Cas(_Section):
     model: Literal["smallcnn", "resnet18", "vgg16", "mobilenetv2", "shufflenetv2", "efficientnet_b0"] = Field(
         "resnet18", description="Classifier, torchvision definitions without pretrained weights (paper: ResNet-18; "
@@ -295,14 +310,22 @@ class Cas(_Section):
     flip: bool = Field(True, description="Random horizontal flip (paper: on; off for digits).")
     real_fraction: float = Field(0.5, gt=0, lt=1, description="Share of real images per batch in real+synthetic "
                                  "(paper's ratios 1:7 .. 7:1 = 0.125 .. 0.875).")
+    real_fractions: list[float] | None = Field(
+        None, min_length=1, description="The paper's real + synthetic protocol: train real+synthetic once per share "
+        "of real images per batch (paper: [0.125, 0.25, 0.5, 0.75, 0.875] = 1:7, 1:3, 1:1, 3:1, 7:1); cas.json "
+        "reports each as mode real+synthetic@R:S and, under real+synthetic, the best one, chosen on the test split "
+        "as the paper's Table 7 does (optimistic; flagged chosen_on: test). null = cas.real_fraction only.")
     augment: list[Literal["autoaugment", "randaugment", "augmix", "cutout", "mixup", "cutmix"]] = Field(
         [], description="Extra training augmentations on top of crop/flip.")
     seeds: int = Field(3, ge=1, le=20, description="Repeated trainings per mode (different seeds), reported as "
                        "mean +- std.")
     reconstructed_test: bool = Field(False, description="Also test on VAE-reconstructed test images (encode + "
                                      "decode by the generator's VAE): how much the autoencoder alone costs.")
-    scale_synthetic: list[int] = Field([1, 2, 3, 4, 5], description="Scaling study: synthetic-only CAS using this "
-                                       "many variants per embedding (at most all sampled); [] = off.")
+    scale_synthetic: list[int] = Field([1, 2, 3, 4, 5], description="Scaling study: synthetic-only CAS using the "
+                                       "first this many variants of every embedding (at most all sampled; the "
+                                       "paper's 45 = 3 checkpoints x 3 guidance x 5), taken sample by sample across "
+                                       "every checkpoint x guidance setting in diagonal order (thinair/upstream.py "
+                                       "variant_rank), so n >= 3 spans all checkpoints and guidance scales; [] = off.")
     scale_real: list[float] = Field([0.1, 0.25, 0.5, 1.0], description="Scaling study: CAS using the embeddings "
                                     "of this fraction of the real train images (synthetic-only, and real-only on "
                                     "the same images); [] = off.")
@@ -312,6 +335,21 @@ class Cas(_Section):
         if self.steps is not None and self.warmup_steps > self.steps:
             raise ValueError(f"cas.warmup_steps={self.warmup_steps} exceeds cas.steps={self.steps}; lower it "
                              "(reference code: 1000 of 50000)")
+        return self
+
+    @model_validator(mode="after")
+    def _ratios(self) -> Cas:
+        if self.real_fractions is None:
+            return self
+        if not all(0 < f < 1 for f in self.real_fractions):
+            raise ValueError(f"cas.real_fractions={self.real_fractions}: every share must be in (0, 1) "
+                             "(paper: 0.125, 0.25, 0.5, 0.75, 0.875)")
+        names = [real_ratio(f) for f in self.real_fractions]
+        if len(set(names)) < len(names):
+            raise ValueError(f"cas.real_fractions={self.real_fractions} repeats a ratio ({', '.join(names)})")
+        if "real+synthetic" not in self.modes:
+            raise ValueError("cas.real_fractions is used only by mode real+synthetic; add it to cas.modes or set "
+                             "cas.real_fractions: null")
         return self
 
     @field_validator("scale_real")
@@ -375,7 +413,7 @@ class Params(_Section):
             if c != "final" and (c > self.invert.steps or c % self.invert.checkpoint_every):
                 raise ValueError(
                     f"sample.checkpoints: step {c} is not saved by invert (saved every "
-                    f"{self.invert.checkpoint_every} up to {self.invert.steps}); use a multiple of "
+                    f"{self.invert.checkpoint_every} per-embedding steps up to {self.invert.steps}); use a multiple of "
                     "invert.checkpoint_every or 'final'")
         from thinair.study import check_space
 

@@ -214,7 +214,7 @@ def generator_for(base, chunk: int = 0, device: torch.device | None = None) -> t
     """The generator and device a chunk runs with, from the `base` params (or on the given device: the one
     its device slot holds, see thinair/devices.py)."""
     device = device if device is not None else chunk_device(base.device, chunk)
-    if base.dtype != "float32" and device.type == "cpu":
+    if base.dtype == "float16" and device.type == "cpu":  # bfloat16 runs on the CPU (slowly): the CPU check of GPU runs
         raise GeneratorUnavailable(f"base.dtype={base.dtype!r} is for GPUs; on the CPU use float32")
     return cached_generator(base.generator, base.revision, str(device), base.dtype, base.attention,
                             base.channels_last, base.compile), device

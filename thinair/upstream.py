@@ -1,4 +1,5 @@
-"""Reading earlier stages' outputs: the ingest splits, the synthetic set, manifests and their digests.
+"""Reading earlier stages' outputs: the ingest splits, the synthetic set (and the order its variants are taken
+in), manifests and their digests.
 
 Reads ``data/<stage>`` folders (shards and ``manifest.json``); writes nothing, except :func:`link_stages`'s symlinks
 in a scratch workspace. A missing input raises :class:`StageInputMissing` naming the stage to run.
@@ -46,6 +47,8 @@ class Synthetic:
     labels: np.ndarray  # (M,)
     source: np.ndarray  # (M,) train row of the embedding each image came from
     partner: np.ndarray  # (M,) train row of its interpolation partner, -1 = none
+    checkpoint: np.ndarray | None = None  # (M,) embedding checkpoint it was sampled from (-1 = final)
+    guidance: np.ndarray | None = None  # (M,) guidance scale it was sampled with
 
 
 def read_synthetic(root: str | Path = ".") -> Synthetic:
@@ -53,8 +56,44 @@ def read_synthetic(root: str | Path = ".") -> Synthetic:
     d = paths.stage_dir("sample", root)
     manifest = io.read_json(require(d / io.MANIFEST, "sample"))
     parts = [io.load_npz(d / f) for f in manifest["chunks"]]
-    return Synthetic(*(np.concatenate([p[k] for p in parts])
-                       for k in ("images", "labels", "source_index", "partner_index")))
+    keys = ["images", "labels", "source_index", "partner_index"]
+    keys += [k for k in ("checkpoint", "guidance") if parts and all(k in p for p in parts)]
+    return Synthetic(*(np.concatenate([p[k] for p in parts]) for k in keys))
+
+
+def _rank_within(group: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Each row's rank by `key` among the rows of its `group` (ties in file order). (M,), (M,) -> (M,)."""
+    order = np.lexsort((np.arange(len(group)), key, group))
+    starts = np.r_[0, np.flatnonzero(np.diff(group[order])) + 1]
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    return rank
+
+
+def _first_seen(values: np.ndarray | None, m: int) -> np.ndarray:
+    """Codes 0.. of `values` in order of first appearance (sample's order of the params list); zeros if absent."""
+    if values is None:
+        return np.zeros(m, np.int64)
+    _, first, inverse = np.unique(values, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse.reshape(-1)]
+
+
+def variant_rank(syn: Synthetic) -> np.ndarray:
+    """Each synthetic image's rank among its embedding's variants, the order the scaling study takes them in.
+
+    Sample index s is outermost: the first sample of every (checkpoint, guidance) setting, then the second, and so
+    on. Within one s the C x W settings go in diagonal order, so that any max(C, W) consecutive ones cover every
+    checkpoint and every guidance scale: with C >= W, setting (i, j) comes at ((j - i) mod W) * C + i (3 x 3:
+    (1K, 2), (2K, 3), (3K, 4), (1K, 3), (2K, 4), (3K, 2), ...), else at ((i - j) mod C) * W + j. So the first n
+    variants of every embedding span all settings as soon as n >= max(C, W), and n = C x W x S is all of them.
+    With one checkpoint and one guidance scale this is the file order.
+    """
+    m = len(syn.source)
+    ci, wi = _first_seen(syn.checkpoint, m), _first_seen(syn.guidance, m)
+    c, w = int(ci.max(initial=0)) + 1, int(wi.max(initial=0)) + 1
+    s = _rank_within(syn.source * c * w + ci * w + wi, np.zeros(m, np.int64))  # sample index within its setting
+    slot = ((wi - ci) % w) * c + ci if c >= w else ((ci - wi) % c) * w + wi
+    return _rank_within(syn.source, s * c * w + slot)
 
 
 def upstream_chunks(stage: str, root: str | Path = ".") -> list:
