@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from thinair.units import Checkpoint, cached, code_key, content_key
 # The fields of `cas` that change a training's result (seeds/modes/scaling lists only choose which to run).
 TRAIN_FIELDS = ("model", "width", "epochs", "steps", "warmup_steps", "batch_size", "optimizer", "lr", "momentum",
                 "weight_decay", "warmup_epochs", "crop_padding", "flip", "augment")
+CHECKPOINT_SECONDS = 30.0  # a training in progress is checkpointed at most this often (and after its first epoch)
 log = logging.getLogger(__name__)
 _TRAIN_LOCK = threading.Lock()  # trainings seed torch's global RNG: one at a time per process, so threads can't mix
 
@@ -42,10 +44,16 @@ def train_and_test(params, tag: str, seed: int, sources: list[tuple[np.ndarray, 
     if resume is not None:
         log.info("cas %s seed %d: resuming after epoch %d", tag, seed, int(resume["epoch"]))
 
+    last_save = [float("-inf")]
+
     def on_epoch(epoch, loss, state):
+        # With cas.steps on a small set an epoch is a step or two: checkpoint at most every CHECKPOINT_SECONDS
+        # (and after the first epoch), not every epoch; a resumed run is identical either way.
         log.info("cas %s seed %d: epoch %d/%d loss %.4f", tag, seed, epoch, state["epochs"], loss)
-        if epoch < state["epochs"]:
+        now = time.monotonic()
+        if epoch < state["epochs"] and (epoch == 1 or now - last_save[0] >= CHECKPOINT_SECONDS):
             work.save(state)
+            last_save[0] = now
 
     h, _, c = sources[0][0].shape[1:]
     with _TRAIN_LOCK:
