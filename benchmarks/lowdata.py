@@ -205,7 +205,8 @@ def plot(summary: dict, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="digits", help="any base.dataset spec (digits, folder:PATH, cifar10, ...)")
-    ap.add_argument("--name", default=None, help="results name (default: the dataset's)")
+    ap.add_argument("--name", default=None, help="workspace and results name (default: the dataset's)")
+    ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/lowdata/<name>.json)")
     ap.add_argument("--data-root", default="~/.cache/thinair/datasets")
     ap.add_argument("--ks", default="5,10,20,50,all", help="real images per class, comma list ('all': every one)")
     ap.add_argument("--seeds", type=int, default=5, help="seeds per k: each draws its own k per class and seeds "
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("thinair.tasks.pretrain").setLevel(logging.INFO)  # the generators' progress and ETA
     name = args.name or args.dataset.replace("folder:", "").rstrip("/").split("/")[-1]
     ws = Path(args.root).resolve() / ".thinair" / "lowdata" / name
-    out = Path(args.root) / "benchmarks" / "lowdata" / f"{name}.json"
+    out = Path(args.out) if args.out else Path(args.root) / "benchmarks" / "lowdata" / f"{name}.json"
     arms = args.arms.split(",")
     ks = [None if k == "all" else int(k) for k in args.ks.split(",")]
     t_start, rows, timing = time.time(), [], {}

@@ -110,6 +110,8 @@ def warnings(root: str | Path, metrics: dict) -> list[str]:
         fit = io.read_json(fit_file)
         if not fit["ok"]:
             out.append("Generator-fit check failed: " + fit["message"])
+        elif fit.get("conclusive") is False:
+            out.append("Generator-fit check " + fit["message"])
     syn, floor = metrics["synthetic_vs_train"], metrics["test_vs_train"]
     for k in ("recall", "coverage"):
         if floor.get(k) and syn.get(k) is not None and syn[k] < FLOOR_SHARE * floor[k]:

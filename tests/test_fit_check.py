@@ -106,3 +106,21 @@ def test_holdout_and_subset_seed_select_disjoint_reproducible_task_images(tmp_pa
                    tmp_path / "d")
     assert other["splits"]["train"]["per_class"] == [5] * 10
     assert not (io.load_npz(tmp_path / "d" / "data" / "ingest" / "train-00000.npz")["images"] == task_imgs).all()
+
+
+def test_a_classifier_at_chance_gives_no_verdict(tmp_path, caplog):
+    """Two classes of the same noise: no classifier can beat chance, so the check cannot judge the generator and
+    says so instead of passing or failing it."""
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (tmp_path / "noise" / c).mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), "RGB").save(
+                tmp_path / "noise" / c / f"{i}.png")
+    params = _params(f"folder:{tmp_path / 'noise'}", fit_check="fail")
+    run_local("ingest", params, tmp_path / "ws")
+    with caplog.at_level(logging.WARNING, logger="thinair"):
+        manifest = run_local("encode", params, tmp_path / "ws")  # fail mode, yet no stop: no verdict
+    fit = io.read_json(tmp_path / "ws" / "data" / "encode" / "fit.json")
+    assert fit["conclusive"] is False and fit["ok"] and manifest["fit"]["ok"], fit
+    assert fit["message"].startswith("inconclusive: the domain classifier labels only") and "inconclusive" in caplog.text
