@@ -108,13 +108,14 @@ def test_holdout_and_subset_seed_select_disjoint_reproducible_task_images(tmp_pa
     assert not (io.load_npz(tmp_path / "d" / "data" / "ingest" / "train-00000.npz")["images"] == task_imgs).all()
 
 
+@pytest.mark.slow  # added at the end of a session and not yet run to completion on a quiet machine
 def test_a_classifier_at_chance_gives_no_verdict(tmp_path, caplog):
     """Two classes of the same noise: no classifier can beat chance, so the check cannot judge the generator and
     says so instead of passing or failing it."""
     rng = np.random.default_rng(1)
     for c in ("a", "b"):
         (tmp_path / "noise" / c).mkdir(parents=True)
-        for i in range(30):
+        for i in range(100):  # 30 % of 100 per class tested: a chance classifier stays under the bar
             Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), "RGB").save(
                 tmp_path / "noise" / c / f"{i}.png")
     params = _params(f"folder:{tmp_path / 'noise'}", fit_check="fail")
