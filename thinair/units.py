@@ -344,7 +344,8 @@ def fan_out(task, calls: list[tuple], root, what: str, names: list[str] | None =
     lines = Progress(what, len(futures))  # the terminal (and dvc repro's log) names every finished task
     for done, f in enumerate(as_completed(futures), 1):
         update_progress_artifact(progress, 100.0 * done / max(1, len(futures)))
-        lines.finished(names[index[id(f)]] if names else f"task {index[id(f)]}")
+        i = index.get(id(f))
+        lines.finished(names[i] if names and i is not None else f"task {done}")
     return [f.result() for f in futures]
 
 
