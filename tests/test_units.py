@@ -103,7 +103,7 @@ def test_one_error_hierarchy():
                 classes.append(f"{name}.{node.name}")
     assert set(classes) == {f"thinair.errors.{c}" for c in (
         "ParamsError", "StageInputMissing", "DatasetUnavailable", "GeneratorUnavailable", "FeaturesUnavailable",
-        "ThinairError", "GeneratorMisfit", "RunnerUnavailable", "NonFiniteLoss", "WorkspaceBusy")}, classes
+        "ThinairError", "GeneratorMisfit", "ExportFailed", "RunnerUnavailable", "NonFiniteLoss", "WorkspaceBusy")}, classes
     import thinair.class_encoder
     import thinair.tasks.invert
 
