@@ -34,6 +34,7 @@ from thinair.immiscible import immiscible_noise
 from thinair.orchestration import task_options
 from thinair import datasets
 from thinair.rawdata import RawDataset, holdout_split, image_hashes
+from thinair.units import duration
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,6 @@ def architecture(p):
         raise ValueError(f"pretrain.resolution={p.resolution} is not divisible by the VAE factor {factor} of "
                          f"pretrain.vae_channels={p.vae_channels}; use a multiple of {factor}")
     return p
-
-
-def duration(seconds: float) -> str:
-    """``3 min 10 s`` / ``1 h 02 min`` / ``12 s``."""
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
 
 
 def progress(phase: str, step: int, total: int, loss: float, since: float, first: int) -> None:

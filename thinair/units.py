@@ -262,9 +262,12 @@ def run_unit(stage, params, unit: dict, root: str | Path = ".", device=None, key
     return record(root, [out], unit=unit, key=key, file=Path(os.path.relpath(out, root)).as_posix())
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+def duration(seconds: float) -> str:
+    """``3 min 10 s`` / ``1 h 02 min`` / ``12 s`` (progress lines' ETA)."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
 
 
 class Progress:
@@ -280,7 +283,7 @@ class Progress:
         elapsed = self._clock() - self.t0
         eta = elapsed / self.done * (self.total - self.done)
         log.info("%s: %s done (%d/%d, %d %%)%s", self.what, name, self.done, self.total,
-                 100 * self.done // max(1, self.total), f" — ETA {_duration(eta)}" if self.done < self.total else "")
+                 100 * self.done // max(1, self.total), f" — ETA {duration(eta)}" if self.done < self.total else "")
 
 
 def run_local(stage, params, root: str | Path = ".", device=None):
