@@ -1,22 +1,17 @@
 """The benchmark script's measuring functions run (smoke), so the hand-run benchmark cannot rot silently."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
+from tests.conftest import benchmark_script
 from thinair.generator import load_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+    return benchmark_script("bench")
 
 def test_benchmark_functions_measure_the_tiny_generator(tiny_generator):
     bench = _bench()
@@ -26,7 +21,6 @@ def test_benchmark_functions_measure_the_tiny_generator(tiny_generator):
     assert bench.bench_sample(g.unet, g.vae, g.scheduler_config, 4, 2, 16, 2, 2, cpu, torch.float32) > 0
     assert bench.bench_invert(g.unet, 4, 2, 16, 2, 1, cpu, torch.float32) > 0
     assert bench.SD_V1_UNET["cross_attention_dim"] == 768 and bench.SD_V1_VAE["latent_channels"] == 4
-
 
 def _workspace(raw: dict, root):
     """A tiny workspace with ingest/encode/invert done and its params file; returns the params path."""
@@ -41,20 +35,13 @@ def _workspace(raw: dict, root):
     return f
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_steps_sweep_runs_the_real_stages_and_picks_a_default(tiny_generator, tmp_path):
     from tests.conftest import tiny_params
     from thinair.io import read_json
     from thinair.tasks.report import sweep_section
 
     f = _workspace(tiny_params(tiny_generator, cas={"epochs": 1}), tmp_path)
-    sweep = _script("steps_sweep")
+    sweep = benchmark_script("steps_sweep")
     out = tmp_path / "sweep.json"
     assert sweep.main(["--configs", "ddim:4,dpmsolver++:2,ddim:2:2", "--seeds", "1", "--params", str(f),
                        "--root", str(tmp_path), "--out", str(out)]) == 0
@@ -66,7 +53,6 @@ def test_steps_sweep_runs_the_real_stages_and_picks_a_default(tiny_generator, tm
     assert (result["best"]["scheduler"], result["best"]["steps"]) in {("ddim", 4), ("dpmsolver++", 2)}
     assert "dpmsolver++" in sweep_section(out) and "<table>" in sweep_section(out)
 
-
 def test_methods_benchmark_compares_every_method_at_equal_count(tiny_generator, tmp_path):
     from tests.conftest import tiny_params
     from thinair.io import read_json
@@ -74,7 +60,7 @@ def test_methods_benchmark_compares_every_method_at_equal_count(tiny_generator, 
 
     f = _workspace(tiny_params(tiny_generator, cas={"epochs": 1},
                                classenc={"tokens": 2, "hidden": 16, "steps": 4, "batch_size": 8}), tmp_path)
-    methods = _script("methods")
+    methods = benchmark_script("methods")
     out = tmp_path / "methods.json"
     assert methods.main(["--methods", "inversion,class_encoder", "--seeds", "1", "--params", str(f),
                          "--root", str(tmp_path), "--out", str(out)]) == 0

@@ -2,19 +2,17 @@
 a small SD-layout model in the default suite and on SD v1's exact architecture (CPU, bfloat16, 64 px) under -m slow."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import benchmark_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _smoke():
-    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "benchmarks" / "gpu_smoke.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("gpu_smoke")
 
 
 def test_smoke_script_runs_every_stage_in_bfloat16_on_a_small_model(tmp_path, capsys):

@@ -4,13 +4,12 @@ comes from the caches."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from tests.conftest import benchmark_script
 
-import lowdata  # noqa: E402 - the benchmark script
+ROOT = Path(__file__).resolve().parents[1]
+lowdata = benchmark_script("lowdata")
 
 
 def _argv(tmp_path) -> list[str]:

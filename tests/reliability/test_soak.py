@@ -3,7 +3,6 @@ leak from a plateau, its accounting check catches a duplicated or missing image,
 `thinair sample` end to end on a tiny workspace. The 50,000-image soak itself is `-m slow`."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -14,14 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.conftest import benchmark_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _soak():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "benchmarks" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("soak")
 
 
 def test_rss_sampler_sums_the_process_and_its_children():
