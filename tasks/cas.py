@@ -30,7 +30,7 @@ from thinair.diffusion import reconstruct
 from thinair.generator import generator_for, runtime_key
 from thinair.training import train_and_test, training_parts
 from thinair.units import Checkpoint, cached, code_key, content_key
-from thinair.upstream import LabelledImages, Synthetic, read_split, read_synthetic, variant_rank
+from thinair.upstream import LabelledImages, Synthetic, memoized, read_split, read_synthetic, variant_rank
 
 STAGE = "cas"
 RETRIES = (1, 5)
@@ -107,17 +107,10 @@ def scaling_runs(params: Params, real: LabelledImages, syn: Synthetic) -> list[d
     return [r for r in runs if r["images"] > 0]  # a tiny share may keep no image whose partner is kept too
 
 
-_INPUTS: dict = {}  # per process: (root, manifests' hashes) -> (train, test, synthetic); jobs share one read
-
-
 def _inputs(root: str | Path, synthetic: bool) -> tuple[LabelledImages, LabelledImages, Synthetic | None]:
-    manifests = [paths.stage_dir(s, root) / io.MANIFEST for s in ("ingest", "sample")]
-    key = (str(Path(root).resolve()), synthetic) + tuple(io.file_sha256(f) if f.is_file() else "" for f in manifests)
-    if key not in _INPUTS:
-        _INPUTS.clear()
-        _INPUTS[key] = (read_split("train", root), read_split("test", root),
-                        read_synthetic(root) if synthetic else None)
-    return _INPUTS[key]
+    """(train, test, synthetic or None), each read once per process for all of the stage's trainings."""
+    train, test = memoized("cas-real", root, ("ingest",), lambda: (read_split("train", root), read_split("test", root)))
+    return train, test, memoized("cas-synthetic", root, ("sample",), lambda: read_synthetic(root)) if synthetic else None
 
 
 def units(params: Params, root: str | Path = ".") -> list[dict]:

@@ -31,7 +31,7 @@ from thinair.domain import accuracy, domain_classifier
 from thinair.errors import GeneratorMisfit
 from thinair.generator import generator_for, generator_identity, runtime_key
 from thinair.units import clean_dir
-from thinair.upstream import chunk_ranges, read_split
+from thinair.upstream import chunk_ranges, memoized, read_split
 
 STAGE = "encode"
 FIT = "fit.json"
@@ -39,16 +39,9 @@ FIT_IMAGES = 2000  # test images the fit check reconstructs at most (a seeded dr
 CONCLUSIVE_MARGIN = 0.25  # the domain classifier must beat chance by this share of the way to 100 % to judge
 log = logging.getLogger(__name__)
 
-_TRAIN: dict = {}  # per process: the train split of the last root read (every chunk's key and compute need it)
-
-
 def _train(root: str | Path):
-    f = paths.stage_dir("ingest", root) / io.MANIFEST
-    memo = (str(Path(root).resolve()), io.file_sha256(f) if f.is_file() else "")
-    if memo not in _TRAIN:
-        _TRAIN.clear()
-        _TRAIN[memo] = read_split("train", root)
-    return _TRAIN[memo]
+    """The train split, read once per process (every chunk's key and compute need it)."""
+    return memoized("train", root, ("ingest",), lambda: read_split("train", root))
 
 
 def units(params: Params, root: str | Path = ".") -> list[dict]:

@@ -96,6 +96,20 @@ def variant_rank(syn: Synthetic) -> np.ndarray:
     return _rank_within(syn.source, s * c * w + slot)
 
 
+_MEMO: dict = {}  # per process: name -> (key, value), the last value read for that name
+
+
+def memoized(name: str, root: str | Path, stages: tuple[str, ...], load):
+    """``load()``, read once per process for `root` while the manifests of `stages` are unchanged (so every unit of
+    a stage shares one read of its inputs; a changed upstream is read again). Keeps one value per `name`."""
+    manifests = [paths.stage_dir(s, root) / io.MANIFEST for s in stages]
+    key = (str(Path(root).resolve()),) + tuple(io.file_sha256(f) if f.is_file() else "" for f in manifests)
+    hit = _MEMO.get(name)
+    if hit is None or hit[0] != key:
+        _MEMO[name] = hit = (key, load())
+    return hit[1]
+
+
 def upstream_chunks(stage: str, root: str | Path = ".") -> list:
     """The chunk list of an upstream stage's manifest (names or records)."""
     return io.read_json(require(paths.stage_dir(stage, root) / io.MANIFEST, stage))["chunks"]
