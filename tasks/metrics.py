@@ -2,7 +2,7 @@
 
 Features (``metrics.features``): ``inception`` = clean-fid's Inception-V3 ("clean" resize; its weights
 file must be present or downloadable, else the stage fails at once saying where to put it), ``domain`` =
-penultimate layer of a classifier trained on the real train split (cached in ``.thinair/cache/metrics``;
+penultimate layer of a classifier trained on the real train split (thinair/domain.py, cached in ``.thinair/cache/domain``;
 for domains where Inception is meaningless, e.g. 8 px digits), ``clip`` = a local CLIP vision model.
 Overall and per class, plus real *test* vs real train as the reference floor. Reads ``data/ingest`` and
 ``data/sample``. Writes ``data/metrics/metrics.json`` (the DVC metric; per-class values under
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from thinair import classifier, features, io, paths
+from thinair import features, io, paths
 from thinair.config import Params
 from thinair.devices import current_device
-from thinair.domain import domain_classifier
+from thinair.domain import accuracy, domain_classifier
 from thinair.quality import METRIC_KEYS, all_metrics, per_class
 from thinair.upstream import inputs_digest, read_split, read_synthetic
 
@@ -48,8 +48,7 @@ def metrics(params: Params, root: str | Path = ".") -> dict:
     net = None
     if p.features == "domain":
         net = domain_feature_net(params, train, root)
-        info["feature_net_test_accuracy"] = float(
-            (classifier.predict(net, classifier.to_tensor(test.images)).numpy() == test.labels).mean())
+        info["feature_net_test_accuracy"] = accuracy(net, test.images, test.labels)
     extract = features.build(p.features, device=str(_device(params)), clip_model=p.clip_model, domain_net=net)
     sets = {"train": (train.images, train.labels), "test": (test.images, test.labels),
             "synthetic": (syn.images, syn.labels)}
