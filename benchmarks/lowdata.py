@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_cell(args, ws, generator, variant, k, seed, arms)
                 summary = summarize(rows)
                 result = {"config": {k2: v for k2, v in vars(args).items()} | {"machine": platform.machine(),
-                                                                               "cpus": __import__("os").cpu_count()},
+                                                                               "cpus": os.cpu_count()},
                           "timing_s": timing | {"total": round(time.time() - t_start, 1)},
                           "summary": summary, "rows": rows}
                 out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from thinair import codegraph, faults, io, paths
+from thinair.codegraph import code_key  # noqa: F401 - stages key their sub-results with it
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,6 @@ def content_key(*parts) -> str:
     for p in parts:
         _feed(h, p)
     return h.hexdigest()[:24]
-
-
-def code_key(*modules: str) -> str:
-    """Hash of the modules' source and of every project module they import (thinair/codegraph.py)."""
-    return codegraph.code_key(*modules)
 
 
 def stage_code(stage) -> list[str]:
