@@ -156,7 +156,7 @@ def _run_copy(src: Path, raw: dict, ws: Path) -> str:
 
 
 def _reused(log: str, stage: str) -> int:
-    return sum(1 for line in log.splitlines() if line.startswith("thinair.units:") and f": {stage} chunk-" in line
+    return sum(1 for line in log.splitlines() if line.startswith("thinair.units:") and f": {stage} chunk " in line
                and "reused from cache" in line)
 
 
