@@ -108,15 +108,16 @@ def units(params: Params, root: str | Path = ".") -> list[dict]:
 
 
 def key(params: Params, unit: dict, root: str | Path = ".") -> list:
-    """Everything that determines one chunk's images besides code: generator, params, seed, its embeddings and the
-    whole embedding bank (interpolation partners and the mean embedding come from every chunk)."""
+    """Everything that determines one chunk's images besides code: generator, params, seed, the resize filter, its
+    embeddings and the whole embedding bank (interpolation partners and the mean embedding come from every chunk)."""
     b, p = params.base, params.sample
     inv_dir = paths.stage_dir("invert", root)
     inv_file = require(inv_dir / paths.chunk_name("train", unit["chunk"], "safetensors"), "invert")
     h, _, channels = io.read_json(require(paths.stage_dir("ingest", root) / io.MANIFEST, "ingest"))["image_shape"]
     bank = [io.file_sha256_memo(inv_dir / f) for f in upstream_chunks("invert", root)]
     return [generator_identity(b), runtime_key(b), p.model_dump(mode="json"), b.seed, unit["chunk"],
-            b.save_resolution or h, channels, b.gen_resolution, inv_file, bank, *method_inputs(params, root)]
+            b.save_resolution or h, channels, b.gen_resolution, params.encode.interpolation, inv_file, bank,
+            *method_inputs(params, root)]
 
 
 def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> None:
@@ -164,7 +165,7 @@ def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", devic
                           pg.init(recs) if pg else None, p.strength)
             with torch.no_grad():
                 x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
-            images.append(to_uint8(x, save_res, channels))
+            images.append(to_uint8(x, save_res, channels, params.encode.interpolation))
         return images
 
     images = with_halving(p.batch_size, generate, f"sample chunk {chunk}")

@@ -113,3 +113,26 @@ def test_different_token_counts_take_two_unet_calls(tiny_generator):
     long_uncond = torch.randn(2, 7, 8)
     out = denoise(g.unet, g.scheduler("ddim"), lat, cond, long_uncond, torch.full((2,), 2.0), 3)
     assert out.shape == lat.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("size", [24, 48])  # down from the generator's 32 px, and up
+def test_synthetic_images_are_resized_with_the_named_filter_like_pil(size):
+    """Issue 15 point 4: the reference brings synthetic images to the dataset size with PIL bicubic; a box filter
+    (the former downsampling) differs from it by several levels, the named filter by at most one."""
+    from PIL import Image
+
+    from thinair.images import to_uint8
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    img = np.array(Image.fromarray(img).resize((8, 8), Image.BILINEAR).resize((32, 32), Image.BICUBIC))  # smooth
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+    pil = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC)).astype(int)
+    ours = to_uint8(x, size, 3, "bicubic")[0].astype(int)
+    assert np.abs(ours - pil).max() <= 2 and np.abs(ours - pil).mean() < 0.5
+    nearest = to_uint8(x, size, 3, "nearest")[0].astype(int)
+    assert np.abs(nearest - pil).mean() > 1  # the filter really is the one named
+    if size < 32:
+        box = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
+        box = ((box.clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(box - pil).max() > 2

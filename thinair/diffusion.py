@@ -37,7 +37,7 @@ def reconstruct(vae, images, resolution: int, interpolation: str, batch_size: in
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
             post = encode_images(vae, images[s:s + batch_size], resolution, interpolation, batch_size, device)
-            out.append(to_uint8(vae.decode(post["mean"].to(device, vae.dtype)).sample, h, c))
+            out.append(to_uint8(vae.decode(post["mean"].to(device, vae.dtype)).sample, h, c, interpolation))
     return np.concatenate(out) if out else images[:0].copy()
 
 

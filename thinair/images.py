@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import resize
 
@@ -24,13 +23,14 @@ def to_model(images: np.ndarray, resolution: int, interpolation: str = "bicubic"
 
 
 def to_uint8(x: torch.Tensor, resolution: int, channels: int, interpolation: str = "bicubic") -> np.ndarray:
-    """float ``(N, 3, H, W)`` in [-1, 1] -> uint8 ``(N, R, R, channels)`` (channels 1 = luminance mean)."""
+    """float ``(N, 3, H, W)`` in [-1, 1] -> uint8 ``(N, R, R, channels)`` (channels 1 = luminance mean).
+
+    Resized with `interpolation` (``encode.interpolation``, the same filter that brought the real images to the
+    generator's size), antialiased: bicubic matches PIL's ``Image.resize(..., BICUBIC)``, as the reference code
+    resizes its synthetic images."""
     x = x.float().clamp(-1, 1)
     if x.shape[-2:] != (resolution, resolution):
-        if resolution < x.shape[-1]:
-            x = F.interpolate(x, size=(resolution, resolution), mode="area")  # clean box downsampling
-        else:
-            x = resize(x, [resolution, resolution], interpolation=_MODES[interpolation], antialias=True)
+        x = resize(x, [resolution, resolution], interpolation=_MODES[interpolation], antialias=True)
     if channels == 1:
         x = x.mean(dim=1, keepdim=True)
     x = ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
