@@ -14,15 +14,21 @@ index, then embedding (cas's scaling study re-ranks each embedding's variants ac
 thinair/upstream.py ``variant_rank``). ``sample.method: prompts`` (text prompts through the generator's
 text encoder, txt2img or img2img, optional CLIP-score filter) lives in thinair/prompt_sampling.py; it adds ``prompt`` (and
 ``clip_score`` / ``dropped_*``) arrays, provenance columns and ``clip_dropped.csv``.
+
+Beyond the paper (thinair/variants.py; the paper's settings are the defaults): ``sample.partner`` nearest | knn,
+``sample.noise_schedule`` adaptive (``noise_lambda`` per image), ``sample.filter_min_confidence`` (the domain
+classifier's label-consistency filter at equal count: ``confidence`` per image, ``replaced_labels``, and
+``label_filter`` in the manifest) and ``sample.start: image`` (img2img from the image's own latent, data/encode).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from thinair import io, paths, prompt_sampling
+from thinair import io, paths, prompt_sampling, variants
 from thinair.config import Params
 from thinair.devices import with_halving
 from thinair.diffusion import denoise
@@ -30,9 +36,10 @@ from thinair.generator import generator_for, generator_identity, runtime_key
 from thinair.images import to_uint8
 from thinair.steering import class_contexts, method_inputs, unet_for
 from thinair.units import clean_dir
-from thinair.upstream import require, upstream_chunks
+from thinair.upstream import inputs_digest, require, upstream_chunks
 
 STAGE = "sample"
+log = logging.getLogger(__name__)
 
 
 def ckpt_key(c) -> str:
@@ -57,18 +64,35 @@ def load_bank(root: str | Path, checkpoints) -> dict:
     return {k: torch.cat(v) for k, v in bank.items()}
 
 
-def plan_variants(labels: np.ndarray, rows: np.ndarray, p, seed: int, chunk: int) -> list[dict]:
-    """One record per image to generate, for the bank rows `rows` (embeddings of this chunk)."""
+def candidates_per_setting(p) -> int:
+    """Images drawn per (embedding, checkpoint, guidance): samples_per_setting, more when the filter is on."""
+    if p.filter_min_confidence is None:
+        return p.samples_per_setting
+    return int(np.ceil(p.samples_per_setting * p.filter_oversample))
+
+
+def plan_variants(labels: np.ndarray, rows: np.ndarray, p, seed: int, chunk: int, neighbours: dict | None = None,
+                  lambdas: dict | None = None) -> list[dict]:
+    """One record per image to generate, for the bank rows `rows` (embeddings of this chunk).
+
+    `neighbours` {checkpoint: {row: (class mates nearest first, distances)}} serves sample.partner nearest | knn;
+    `lambdas` {checkpoint: (N,) noise per bank row} sample.noise_schedule adaptive (thinair/variants.py)."""
     plan = []
     for ci, c in enumerate(p.checkpoints):
         for wi, w in enumerate(p.guidance_scales):
-            for s in range(p.samples_per_setting):
+            for s in range(candidates_per_setting(p)):
                 for r in rows:
                     rng = np.random.default_rng(io.seed_for(seed, STAGE, chunk, int(r), ci, wi, s))
-                    mates = np.flatnonzero(labels == labels[r])
-                    mates = mates[mates != r]  # never interpolate an embedding with itself
-                    partner = int(rng.choice(mates)) if len(mates) and p.interpolation > 0 else -1
-                    plan.append({"row": int(r), "ckpt": c, "w": float(w), "partner": partner,
+                    if neighbours is None:
+                        mates = np.flatnonzero(labels == labels[r])
+                        mates = mates[mates != r]  # never interpolate an embedding with itself
+                    else:
+                        mates = neighbours[c][int(r)][0]
+                    partner = (variants.choose_partner(p.partner, mates, p.partner_k, rng)
+                               if len(mates) and p.interpolation > 0 else -1)
+                    lam = p.noise if lambdas is None else float(lambdas[c][int(r)])
+                    plan.append({"row": int(r), "ckpt": c, "w": float(w), "partner": partner, "lambda": lam,
+                                 "s": s, "setting": (ci, wi),
                                  "seed": io.seed_for(seed, STAGE, chunk, int(r), ci, wi, s, "draw")})
     return plan
 
@@ -77,7 +101,57 @@ def perturbed_context(bank: dict, rec: dict, p, rng: torch.Generator) -> torch.T
     c = bank[rec["ckpt"]][rec["row"]]  # (T, D)
     if rec["partner"] >= 0:
         c = (1 - p.interpolation) * c + p.interpolation * bank[rec["ckpt"]][rec["partner"]]
-    return c + p.noise * torch.randn(c.shape, generator=rng)
+    return c + rec.get("lambda", p.noise) * torch.randn(c.shape, generator=rng)
+
+
+def geometry(bank: dict, p, rows: np.ndarray, seed: int) -> tuple[dict | None, dict | None]:
+    """The neighbour lists (partner nearest | knn) and per-row lambdas (noise_schedule adaptive) of the bank, per
+    checkpoint; (None, None) with the paper's random partner and fixed lambda."""
+    if p.method != "inversion" or (p.partner == "random" and p.noise_schedule == "fixed"):
+        return None, None
+    labels = bank["labels"].numpy()
+    points = {c: variants.project(bank[c], seed) for c in p.checkpoints}
+    neighbours = {c: variants.class_neighbours(points[c], labels, rows) for c in p.checkpoints}
+    lambdas = None
+    if p.noise_schedule == "adaptive":
+        lambdas = {c: variants.adaptive_lambdas(points[c], labels, p.noise, p.partner_k) for c in p.checkpoints}
+    return neighbours, lambdas
+
+
+def label_filter(params: Params, arrays: dict, plan: list[dict], rows: np.ndarray, root: str | Path,
+                 device) -> tuple[dict, list[dict]]:
+    """sample.filter_min_confidence: score every candidate with the domain classifier (real train images) and keep
+    samples_per_setting per (embedding, setting) as thinair/variants.py ``select_consistent`` does, in the plan's
+    order; adds ``confidence`` (kept) and ``replaced_labels`` (the unfiltered picks that were replaced)."""
+    from thinair import classifier
+    from thinair.domain import domain_classifier
+    from thinair.upstream import read_split
+
+    p = params.sample
+    train = read_split("train", root)
+    net = domain_classifier(train.images, train.labels, len(train.class_names), params.metrics.feature_epochs,
+                            params.base.seed, root)
+    x = classifier.to_tensor(arrays["images"])
+    with torch.no_grad():
+        probs = torch.cat([net(x[s:s + 512]).softmax(1) for s in range(0, len(x), 512)]).numpy()
+    pos = {int(r): i for i, r in enumerate(rows)}
+    group = np.asarray([(r["setting"][0] * len(p.guidance_scales) + r["setting"][1]) * len(rows) + pos[r["row"]]
+                        for r in plan])
+    order = np.asarray([r["s"] for r in plan])
+    kept = variants.select_consistent(group, order, arrays["labels"], probs, p.samples_per_setting,
+                                      p.filter_min_confidence)
+    # the kept images in the plan's order: setting, then sample rank within the embedding's kept ones, then row
+    kept_set, by_group = set(int(i) for i in kept), {}
+    for i in sorted(kept_set, key=lambda i: order[i]):
+        by_group.setdefault(int(group[i]), []).append(i)
+    rank = {i: n for idx in by_group.values() for n, i in enumerate(idx)}
+    final = sorted(kept_set, key=lambda i: (plan[i]["setting"], rank[i], pos[plan[i]["row"]]))
+    first = np.asarray([order[i] < p.samples_per_setting for i in range(len(plan))])
+    replaced = np.asarray([i for i in np.flatnonzero(first) if int(i) not in kept_set], np.int64)
+    conf = probs[np.arange(len(plan)), arrays["labels"]]
+    out = {k: v[final] for k, v in arrays.items()} | {"confidence": conf[final].astype(np.float32),
+                                                      "replaced_labels": arrays["labels"][replaced]}
+    return out, [plan[i] for i in final]
 
 
 def mean_embeddings(emb: torch.Tensor, labels: torch.Tensor, chunks: torch.Tensor, scope: str) -> torch.Tensor:
@@ -117,7 +191,18 @@ def key(params: Params, unit: dict, root: str | Path = ".") -> list:
     bank = [io.file_sha256_memo(inv_dir / f) for f in upstream_chunks("invert", root)]
     return [generator_identity(b), runtime_key(b), p.model_dump(mode="json"), b.seed, unit["chunk"],
             b.save_resolution or h, channels, b.gen_resolution, params.encode.interpolation, inv_file, bank,
-            *method_inputs(params, root)]
+            *method_inputs(params, root), *option_inputs(params, root)]
+
+
+def option_inputs(params: Params, root: str | Path = ".") -> list:
+    """What the beyond-paper options read: the real train split and the domain classifier's budget (the label
+    filter), the real latents (start: image)."""
+    p, out = params.sample, []
+    if p.filter_min_confidence is not None:
+        out += [inputs_digest(root, "ingest"), params.metrics.feature_epochs]
+    if p.start == "image":
+        out += [inputs_digest(root, "encode")]
+    return out
 
 
 def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> None:
@@ -145,10 +230,20 @@ def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", devic
         if params.sample.method == "class_encoder":
             unet = unet_for(gen_model, params, root)
     labels = bank["labels"].numpy()
-    plan = plan_variants(labels, rows, p, b.seed, chunk)
+    neighbours, lambdas = geometry(bank, p, rows, b.seed)
+    plan = plan_variants(labels, rows, p, b.seed, chunk, neighbours, lambdas)
     if pg:
         pg.pick(plan, labels)
     latent = b.gen_resolution // gen_model.vae_factor
+    starts = None  # sample.start image: each row's own real latent (data/encode)
+    if p.start == "image":
+        lat = prompt_sampling.source_latents(root, bank["index"].numpy()[rows], gen_model, b.gen_resolution)
+        starts = dict(zip((int(r) for r in rows), lat))
+
+    def init(recs: list[dict]) -> torch.Tensor | None:
+        if pg:
+            return pg.init(recs)
+        return None if starts is None else torch.stack([starts[r["row"]] for r in recs]).to(device)
 
     def generate(batch_size: int) -> list[np.ndarray]:
         images = []
@@ -162,7 +257,7 @@ def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", devic
             w = torch.tensor([r["w"] for r in recs])
             lat = denoise(unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
                           uncond.to(device), w.to(device), p.steps, p.batched_guidance,
-                          pg.init(recs) if pg else None, p.strength)
+                          init(recs), p.strength)
             with torch.no_grad():
                 x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
             images.append(to_uint8(x, save_res, channels, params.encode.interpolation))
@@ -176,7 +271,10 @@ def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", devic
                                             for r in plan], np.int64),
                   checkpoint=np.asarray([ckpt_ids[r["ckpt"]] for r in plan], np.int64),
                   guidance=np.asarray([r["w"] for r in plan], np.float32),
-                  seed=np.asarray([r["seed"] for r in plan], np.int64))
+                  seed=np.asarray([r["seed"] for r in plan], np.int64),
+                  noise_lambda=np.asarray([r.get("lambda", p.noise) for r in plan], np.float32))
+    if p.filter_min_confidence is not None:
+        arrays, plan = label_filter(params, arrays, plan, rows, root, device)
     io.save_npz(out, **(pg.finish(arrays, plan) if pg else arrays))
 
 
@@ -195,11 +293,30 @@ def provenance(params: Params, files: list[str], root: str | Path = "."):
         frames.append(pd.DataFrame({
             "file": f, "row": np.arange(n), "label": z["labels"], "source_index": z["source_index"],
             "partner_index": z["partner_index"], "alpha": alpha,
-            "lambda": p.noise if p.method == "inversion" else 0.0, "method": p.method, "guidance": z["guidance"],
+            "lambda": (z["noise_lambda"] if "noise_lambda" in z else p.noise) if p.method == "inversion" else 0.0,
+            "method": p.method, "partner": p.partner if p.method == "inversion" else "none",
+            "start": "image" if p.start == "image" or p.prompt_mode == "img2img" else "noise",
+            "guidance": z["guidance"],
             "checkpoint": z["checkpoint"], "uncond": "empty_prompt" if p.method == "prompts" else p.uncond,
             "scheduler": p.scheduler, "steps": p.steps, "seed": z["seed"]}
-            | {k: z[k] for k in ("prompt", "clip_score") if k in z}))  # method prompts only
+            | {k: z[k] for k in ("prompt", "clip_score", "confidence") if k in z}))  # prompts; the label filter
     return pd.concat(frames, ignore_index=True)
+
+
+def label_filter_summary(params: Params, out: Path, files: list[str], root: str | Path = ".") -> dict:
+    """The label filter's accounting for the manifest (and the log): how many of the unfiltered picks each class
+    had replaced by a later, label-consistent candidate."""
+    p = params.sample
+    if p.filter_min_confidence is None:
+        return {}
+    names = io.read_json(require(paths.stage_dir("ingest", root) / io.MANIFEST, "ingest"))["class_names"]
+    replaced = np.concatenate([io.load_npz(out / f)["replaced_labels"] for f in files]) if files else np.zeros(0)
+    per_class = {names[int(k)]: int((replaced == k).sum()) for k in np.unique(replaced)}
+    log.info("sample: label filter (confidence >= %s) replaced %d image(s): %s", p.filter_min_confidence,
+             len(replaced), ", ".join(f"{k} {v}" for k, v in per_class.items()) or "none")
+    return {"label_filter": {"min_confidence": p.filter_min_confidence,
+                             "candidates_per_setting": candidates_per_setting(p),
+                             "replaced": int(len(replaced)), "replaced_per_class": per_class}}
 
 
 def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
@@ -210,6 +327,7 @@ def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
         table.to_csv(tmp, index=False)
     counts = table.groupby("file", sort=False).size().to_dict()
     clip, written = prompt_sampling.filter_summary(params, out, files)  # the CLIP filter's counts (method prompts)
+    clip |= label_filter_summary(params, out, files, root)
     manifest = {"chunks": files, "counts": {f: int(counts.get(f, 0)) for f in files}, "total": int(len(table)),
                 "variants_per_embedding": len(params.sample.checkpoints) * len(params.sample.guidance_scales)
                 * params.sample.samples_per_setting, "params": params.sample.model_dump(mode="json"),

@@ -219,6 +219,26 @@ class Sample(_Section):
     noise: float = Field(0.1, ge=0, description="Gaussian perturbation strength lambda (paper: 0.1).")
     interpolation: float = Field(0.1, ge=0, le=1, description="Interpolation strength alpha toward a random other "
                                  "embedding of the same class (paper: 0.1).")
+    partner: Literal["random", "nearest", "knn"] = Field(
+        "random", description="Interpolation partner among the same class's other embeddings: random (paper), "
+        "nearest (the closest embedding), knn (a random one of the sample.partner_k closest); never the image "
+        "itself (thinair/variants.py).")
+    partner_k: int = Field(3, ge=1, description="Neighbours for partner: knn and for noise_schedule: adaptive.")
+    noise_schedule: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="fixed = lambda for every embedding (paper); adaptive = lambda x the embedding's mean "
+        "distance to its partner_k nearest class mates / the median of those, within [lambda/4, 4 lambda]: "
+        "isolated embeddings are perturbed more.")
+    filter_min_confidence: float | None = Field(
+        None, ge=0, le=1, description="Label-consistency filter: keep a synthetic image only if the domain "
+        "classifier trained on the real train images predicts its own class with at least this probability; "
+        "replaced by the next candidate of the same (embedding, checkpoint, guidance), so the count is unchanged "
+        "(null = off).")
+    filter_oversample: float = Field(2.0, ge=1, le=10, description="Filter on: candidates drawn per kept image "
+                                     "(ceil(samples_per_setting x this) per setting).")
+    start: Literal["noise", "image"] = Field(
+        "noise", description="noise = sample from pure noise (paper); image = img2img from the image's own real "
+        "latent (data/encode) noised to sample.strength, conditioned on its (perturbed) embedding: a "
+        "semantics-preserving edit (DA-Fusion's augmentation with per-image conditioning).")
     uncond: Literal["dataset", "class", "chunk", "empty_prompt"] = Field(
         "dataset", description="Unconditional context = mean learned embedding over the dataset (paper), the "
         "image's class, or its chunk (the reference code's group); empty_prompt = the text encoder's embedding "
@@ -235,8 +255,9 @@ class Sample(_Section):
     prompt_mode: Literal["txt2img", "img2img"] = Field(
         "txt2img", description="method prompts: txt2img = from pure noise; img2img = from the image's real latents "
         "(data/encode) noised to sample.strength, running the last part of the schedule (diffusers' img2img).")
-    strength: float = Field(0.8, gt=0, le=1, description="prompt_mode img2img: share of the schedule run from the "
-                            "noised real image (small keeps it, 1 = txt2img; DiffuGen and diffusers: 0.8).")
+    strength: float = Field(0.8, gt=0, le=1, description="prompt_mode img2img and start: image: share of the "
+                            "schedule run from the noised real image (small keeps it, 1 = txt2img; DiffuGen and "
+                            "diffusers: 0.8).")
     clip_model: str | None = Field(None, description="method prompts: a local transformers CLIPModel + CLIPProcessor "
                                    "directory; every image's CLIP score vs its prompt (100 x cosine, torchmetrics' "
                                    "CLIPScore) goes to provenance.csv.")
@@ -251,9 +272,17 @@ class Sample(_Section):
             if used:
                 raise ValueError(f"sample.{used[0]} is used only by sample.method: prompts (method is "
                                  f"{self.method!r}); remove it or set sample.method: prompts")
+        if self.method != "inversion":
+            used = [k for k, off in (("partner", "random"), ("noise_schedule", "fixed")) if getattr(self, k) != off]
+            if used:
+                raise ValueError(f"sample.{used[0]} is used only by sample.method: inversion (method is "
+                                 f"{self.method!r}); remove it")
+        if self.method == "prompts" and self.start == "image":
+            raise ValueError("sample.start: image is for embeddings; with sample.method: prompts set "
+                             "sample.prompt_mode: img2img instead")
         if self.clip_min_score is not None and not self.clip_model:
             raise ValueError("sample.clip_min_score needs sample.clip_model (a local CLIP directory to score with)")
-        if self.prompt_mode == "img2img" and int(self.steps * self.strength) < 1:
+        if (self.prompt_mode == "img2img" or self.start == "image") and int(self.steps * self.strength) < 1:
             raise ValueError(f"sample.strength={self.strength} x sample.steps={self.steps} runs no denoising step; "
                              "raise them so that steps x strength >= 1")
         return self
