@@ -14,6 +14,8 @@ large mixed one) with the same seed, tested on the real test split (never used t
     di                        Diffusion Inversion images only
     real+di                   real and DI images, half of each batch each (cas.real_fraction 0.5)
     real+di@<r>               the paper's other real:synthetic batch ratios (1:7, 1:3, 3:1, 7:1), reported beside
+    real+di[<opts>]           real + DI with the beyond-paper sampling options of issue 17 (OPTIONS, joined by +:
+                              knn, nearest, adaptive, filter, image; e.g. real+di[knn+filter]), same count
     real+tokens               real + the generator's class tokens (conditional generator only: it learned the pool's
                               labels, a baseline DI does not need)
     real+classenc             real + the class encoder (seed 002) trained on the k images per class
@@ -46,6 +48,21 @@ RATIOS = {"1:7": 0.125, "1:3": 0.25, "3:1": 0.75, "7:1": 0.875}  # real:syntheti
 DEFAULT_ARMS = (["real"] + [f"real+{a}" for a in AUGMENTS] + ["di", "real+di"] + [f"real+di@{r}" for r in RATIOS]
                 + ["real+tokens", "real+classenc"])
 PLOTTED = ("real", "best augmentation", "real+di", "di", "real+tokens")
+OPTIONS = {  # issue 17's sampling options (sample.* overrides), composable in an arm: real+di[knn+filter]
+    "knn": {"partner": "knn"}, "nearest": {"partner": "nearest"}, "adaptive": {"noise_schedule": "adaptive"},
+    "filter": {"filter_min_confidence": 0.5}, "image": {"start": "image", "strength": 0.6}}
+
+
+def di_options(arm: str) -> str | None:
+    """'knn+filter' of real+di[knn+filter] (validated against OPTIONS); None for an arm without options."""
+    base = arm.split("@")[0]
+    if "[" not in base:
+        return None
+    opts = base[base.index("[") + 1:].rstrip("]")
+    unknown = [o for o in opts.split("+") if o not in OPTIONS]
+    if unknown:
+        raise SystemExit(f"arm {arm!r}: unknown DI option(s) {unknown}; known: {sorted(OPTIONS)}")
+    return opts
 
 
 def base_params(args, generator: Path | None, k: int | None, seed: int, **sections):
@@ -93,9 +110,17 @@ def synthetic_sets(args, params, cell: Path, arms: list[str], variant: str) -> d
     for stage in ("ingest", "encode", "invert"):
         run_local(stage, params, cell)
     out = {}
-    wanted = {"inversion": any("di" in a for a in arms),
+    wanted = {"inversion": any(a.split("[")[0].split("@")[0] in ("di", "real+di") and "[" not in a for a in arms),
               "class_tokens": variant == "cond" and "real+tokens" in arms,
               "class_encoder": "real+classenc" in arms}
+    for opts in sorted({di_options(a) for a in arms} - {None}):  # issue 17's options: DI with sample overrides
+        ws = link_stages(cell / f"di-{opts.replace('+', '-')}", cell, ("ingest", "encode", "invert"))
+        update = {k: v for o in opts.split("+") for k, v in OPTIONS[o].items()}
+        p = params.model_copy(update={"sample": params.sample.model_copy(update=update)})
+        type(p.sample).model_validate(p.sample.model_dump())  # the combination is a valid sample section
+        run_local("sample", p, ws)
+        syn = read_synthetic(ws)
+        out[f"inversion[{opts}]"] = (syn.images, syn.labels)
     for method, needed in wanted.items():
         if not needed:
             continue
@@ -116,12 +141,14 @@ def arm_sources(arm: str, real, syn: dict, default_fraction: float):
         return [real_src + (1.0,)], []
     if arm.startswith("real+") and arm[5:] in AUGMENTS:
         return [real_src + (1.0,)], [arm[5:]]
+    opts, kind = di_options(arm), arm.split("@")[0].split("[")[0]
     method = {"di": "inversion", "real+di": "inversion", "real+tokens": "class_tokens",
-              "real+classenc": "class_encoder"}.get(arm.split("@")[0])
+              "real+classenc": "class_encoder"}.get(kind)
+    method = f"{method}[{opts}]" if opts else method
     if method not in syn:
         return None
     x, y = syn[method]
-    if arm == "di":
+    if kind == "di":
         return [(x, y, 1.0)], []
     fraction = RATIOS[arm.split("@")[1]] if "@" in arm else default_fraction
     return [real_src + (fraction,), (x, y, 1 - fraction)], []
@@ -149,7 +176,7 @@ def run_cell(args, ws: Path, generator: Path, variant: str, k: int | None, seed:
         res = cached_training(p, "cas", arm, io.seed_for(0, "lowdata", seed), sources, {"test": test},
                               len(real.class_names), cell)
         rows.append({"variant": variant, "k": "all" if k is None else k, "seed": seed, "arm": arm,
-                     "accuracy": res["test"]["accuracy"], "real_images": int(len(real.labels)),
+                     "accuracy": res["test"]["accuracy"], "real_images": len(real.labels),
                      "train_images": res["train_images"]})
     took = time.time() - t0
     print(f"{variant} k={k or 'all'} seed={seed}: " + ", ".join(f"{r['arm']} {100 * r['accuracy']:.1f}"
@@ -165,11 +192,11 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         out.setdefault(r["variant"], {}).setdefault(str(r["k"]), {}).setdefault(r["arm"], []).append(r["accuracy"])
     for variant in out.values():
-        for k, arms in variant.items():
+        for arms in variant.values():
             for arm, accs in arms.items():
                 a = 100 * np.asarray(accs)
                 arms[arm] = {"mean": round(float(a.mean()), 2), "std": round(float(a.std(ddof=1)) if len(a) > 1
-                                                                             else 0.0, 2), "n": int(len(a))}
+                                                                             else 0.0, 2), "n": len(a)}
             augs = {a: v for a, v in arms.items() if a.startswith("real+") and a[5:] in AUGMENTS}
             if augs:
                 best = max(augs, key=lambda a: augs[a]["mean"])

@@ -18,7 +18,8 @@ text encoder, txt2img or img2img, optional CLIP-score filter) lives in thinair/p
 Beyond the paper (thinair/variants.py; the paper's settings are the defaults): ``sample.partner`` nearest | knn,
 ``sample.noise_schedule`` adaptive (``noise_lambda`` per image), ``sample.filter_min_confidence`` (the domain
 classifier's label-consistency filter at equal count: ``confidence`` per image, ``replaced_labels``, and
-``label_filter`` in the manifest) and ``sample.start: image`` (img2img from the image's own latent, data/encode).
+``label_filter`` in the manifest), ``sample.allocation: coverage`` (a second pass for uncovered real images) and
+``sample.start: image`` (img2img from the image's own latent, data/encode).
 """
 from __future__ import annotations
 
@@ -64,24 +65,35 @@ def load_bank(root: str | Path, checkpoints) -> dict:
     return {k: torch.cat(v) for k, v in bank.items()}
 
 
-def candidates_per_setting(p) -> int:
-    """Images drawn per (embedding, checkpoint, guidance): samples_per_setting, more when the filter is on."""
+def candidates(p, wanted: int) -> int:
+    """Draws that make `wanted` images of one (embedding, setting): more when the label filter is on."""
     if p.filter_min_confidence is None:
-        return p.samples_per_setting
-    return int(np.ceil(p.samples_per_setting * p.filter_oversample))
+        return wanted
+    return int(np.ceil(wanted * p.filter_oversample))
+
+
+def first_pass(p) -> int:
+    """Images per (embedding, setting) drawn before coverage allocation spends the rest (all when uniform)."""
+    return p.samples_per_setting if p.allocation == "uniform" else -(-p.samples_per_setting // 2)
 
 
 def plan_variants(labels: np.ndarray, rows: np.ndarray, p, seed: int, chunk: int, neighbours: dict | None = None,
-                  lambdas: dict | None = None) -> list[dict]:
+                  lambdas: dict | None = None, counts: dict | None = None, s0: int = 0) -> list[dict]:
     """One record per image to generate, for the bank rows `rows` (embeddings of this chunk).
 
     `neighbours` {checkpoint: {row: (class mates nearest first, distances)}} serves sample.partner nearest | knn;
-    `lambdas` {checkpoint: (N,) noise per bank row} sample.noise_schedule adaptive (thinair/variants.py)."""
+    `lambdas` {checkpoint: (N,) noise per bank row} sample.noise_schedule adaptive (thinair/variants.py).
+    `counts` {row: images wanted per setting} (default samples_per_setting), drawn as sample indices s0, s0 + 1, ..;
+    a record is ``wanted`` unless it is one of the label filter's extra candidates."""
     plan = []
+    want = {int(r): p.samples_per_setting if counts is None else counts[int(r)] for r in rows}
+    draws = {r: candidates(p, n) for r, n in want.items()}
     for ci, c in enumerate(p.checkpoints):
         for wi, w in enumerate(p.guidance_scales):
-            for s in range(candidates_per_setting(p)):
+            for s in range(s0, s0 + max(draws.values(), default=0)):
                 for r in rows:
+                    if s - s0 >= draws[int(r)]:
+                        continue
                     rng = np.random.default_rng(io.seed_for(seed, STAGE, chunk, int(r), ci, wi, s))
                     if neighbours is None:
                         mates = np.flatnonzero(labels == labels[r])
@@ -92,9 +104,20 @@ def plan_variants(labels: np.ndarray, rows: np.ndarray, p, seed: int, chunk: int
                                if len(mates) and p.interpolation > 0 else -1)
                     lam = p.noise if lambdas is None else float(lambdas[c][int(r)])
                     plan.append({"row": int(r), "ckpt": c, "w": float(w), "partner": partner, "lambda": lam,
-                                 "s": s, "setting": (ci, wi),
+                                 "s": s, "setting": (ci, wi), "wanted": s - s0 < want[int(r)],
                                  "seed": io.seed_for(seed, STAGE, chunk, int(r), ci, wi, s, "draw")})
     return plan
+
+
+def plan_order(plan: list[dict], rows: np.ndarray) -> list[int]:
+    """Indices of `plan` in the files' order: setting, then the image's rank among its embedding's (by draw), then
+    embedding (the unfiltered uniform plan is already in this order)."""
+    pos = {int(r): i for i, r in enumerate(rows)}
+    by_group: dict = {}
+    for i in sorted(range(len(plan)), key=lambda i: plan[i]["s"]):
+        by_group.setdefault((plan[i]["setting"], plan[i]["row"]), []).append(i)
+    rank = {i: n for idx in by_group.values() for n, i in enumerate(idx)}
+    return sorted(range(len(plan)), key=lambda i: (plan[i]["setting"], rank[i], pos[plan[i]["row"]]))
 
 
 def perturbed_context(bank: dict, rec: dict, p, rng: torch.Generator) -> torch.Tensor:
@@ -118,40 +141,51 @@ def geometry(bank: dict, p, rows: np.ndarray, seed: int) -> tuple[dict | None, d
     return neighbours, lambdas
 
 
-def label_filter(params: Params, arrays: dict, plan: list[dict], rows: np.ndarray, root: str | Path,
-                 device) -> tuple[dict, list[dict]]:
-    """sample.filter_min_confidence: score every candidate with the domain classifier (real train images) and keep
-    samples_per_setting per (embedding, setting) as thinair/variants.py ``select_consistent`` does, in the plan's
-    order; adds ``confidence`` (kept) and ``replaced_labels`` (the unfiltered picks that were replaced)."""
+def label_filter(params: Params, arrays: dict, plan: list[dict], rows: np.ndarray, net) -> tuple[dict, list[dict]]:
+    """sample.filter_min_confidence: score every candidate with the domain classifier `net` (real train images) and
+    keep as many per (embedding, setting) as the plan wants, as thinair/variants.py ``select_consistent`` does, in
+    the plan's order; adds ``confidence`` (kept) and ``replaced_labels`` (the wanted draws that were replaced)."""
     from thinair import classifier
-    from thinair.domain import domain_classifier
-    from thinair.upstream import read_split
 
     p = params.sample
-    train = read_split("train", root)
-    net = domain_classifier(train.images, train.labels, len(train.class_names), params.metrics.feature_epochs,
-                            params.base.seed, root)
     x = classifier.to_tensor(arrays["images"])
     with torch.no_grad():
         probs = torch.cat([net(x[s:s + 512]).softmax(1) for s in range(0, len(x), 512)]).numpy()
     pos = {int(r): i for i, r in enumerate(rows)}
     group = np.asarray([(r["setting"][0] * len(p.guidance_scales) + r["setting"][1]) * len(rows) + pos[r["row"]]
                         for r in plan])
-    order = np.asarray([r["s"] for r in plan])
-    kept = variants.select_consistent(group, order, arrays["labels"], probs, p.samples_per_setting,
+    wanted = np.asarray([r["wanted"] for r in plan])
+    keep = np.bincount(group[wanted], minlength=group.max() + 1 if len(group) else 0)
+    kept = variants.select_consistent(group, np.asarray([r["s"] for r in plan]), arrays["labels"], probs, keep,
                                       p.filter_min_confidence)
-    # the kept images in the plan's order: setting, then sample rank within the embedding's kept ones, then row
-    kept_set, by_group = set(int(i) for i in kept), {}
-    for i in sorted(kept_set, key=lambda i: order[i]):
-        by_group.setdefault(int(group[i]), []).append(i)
-    rank = {i: n for idx in by_group.values() for n, i in enumerate(idx)}
-    final = sorted(kept_set, key=lambda i: (plan[i]["setting"], rank[i], pos[plan[i]["row"]]))
-    first = np.asarray([order[i] < p.samples_per_setting for i in range(len(plan))])
-    replaced = np.asarray([i for i in np.flatnonzero(first) if int(i) not in kept_set], np.int64)
+    kept_set = {int(i) for i in kept}
+    sub = [plan[i] for i in sorted(kept_set)]
+    final = [sorted(kept_set)[j] for j in plan_order(sub, rows)]
+    replaced = np.asarray([i for i in np.flatnonzero(wanted) if int(i) not in kept_set], np.int64)
     conf = probs[np.arange(len(plan)), arrays["labels"]]
     out = {k: v[final] for k, v in arrays.items()} | {"confidence": conf[final].astype(np.float32),
                                                       "replaced_labels": arrays["labels"][replaced]}
     return out, [plan[i] for i in final]
+
+
+def coverage_counts(params: Params, arrays: dict, plan: list[dict], rows: np.ndarray, bank: dict, net, root) -> dict:
+    """sample.allocation coverage: the images each row gets in the second pass (per setting), at equal total.
+
+    A real train image is covered when a first-pass synthetic image of this chunk lies within its k-NN ball
+    (metrics.k, in the domain classifier's feature space, among all real train images: Naeem et al.'s coverage,
+    per image); the remaining budget goes to the uncovered ones (thinair/variants.py ``allocate``)."""
+    from thinair import classifier
+    from thinair.upstream import read_split
+
+    p = params.sample
+    train = read_split("train", root)
+    real = classifier.features(net, classifier.to_tensor(train.images))
+    fake = classifier.features(net, classifier.to_tensor(arrays["images"]))
+    index = bank["index"].numpy()[rows]
+    uncovered = variants.uncovered(real, index, fake, params.metrics.k)
+    counts = variants.allocate((p.samples_per_setting - first_pass(p)) * len(rows), uncovered)
+    log.info("sample chunk: %d of %d real images uncovered after the first pass", int(uncovered.sum()), len(rows))
+    return {int(r): int(n) for r, n in zip(rows, counts)}
 
 
 def mean_embeddings(emb: torch.Tensor, labels: torch.Tensor, chunks: torch.Tensor, scope: str) -> torch.Tensor:
@@ -198,8 +232,8 @@ def option_inputs(params: Params, root: str | Path = ".") -> list:
     """What the beyond-paper options read: the real train split and the domain classifier's budget (the label
     filter), the real latents (start: image)."""
     p, out = params.sample, []
-    if p.filter_min_confidence is not None:
-        out += [inputs_digest(root, "ingest"), params.metrics.feature_epochs]
+    if p.filter_min_confidence is not None or p.allocation == "coverage":
+        out += [inputs_digest(root, "ingest"), params.metrics.feature_epochs, params.metrics.k]
     if p.start == "image":
         out += [inputs_digest(root, "encode")]
     return out
@@ -231,51 +265,81 @@ def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", devic
             unet = unet_for(gen_model, params, root)
     labels = bank["labels"].numpy()
     neighbours, lambdas = geometry(bank, p, rows, b.seed)
-    plan = plan_variants(labels, rows, p, b.seed, chunk, neighbours, lambdas)
-    if pg:
-        pg.pick(plan, labels)
     latent = b.gen_resolution // gen_model.vae_factor
     starts = None  # sample.start image: each row's own real latent (data/encode)
     if p.start == "image":
         lat = prompt_sampling.source_latents(root, bank["index"].numpy()[rows], gen_model, b.gen_resolution)
         starts = dict(zip((int(r) for r in rows), lat))
+    ckpt_ids = {c: (-1 if c == "final" else int(c)) for c in p.checkpoints}
 
     def init(recs: list[dict]) -> torch.Tensor | None:
         if pg:
             return pg.init(recs)
         return None if starts is None else torch.stack([starts[r["row"]] for r in recs]).to(device)
 
-    def generate(batch_size: int) -> list[np.ndarray]:
-        images = []
-        for s in range(0, len(plan), batch_size):
-            recs = plan[s:s + batch_size]
-            rngs = [torch.Generator().manual_seed(r["seed"]) for r in recs]
-            cond = pg.cond(recs) if pg else torch.stack([perturbed_context(bank, r, p, rng)
-                                                         for r, rng in zip(recs, rngs)])
-            lat0 = torch.stack([torch.randn(4, latent, latent, generator=rng) for rng in rngs])  # (B, 4, h, w)
-            uncond = pg.uncond(recs) if pg else torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
-            w = torch.tensor([r["w"] for r in recs])
-            lat = denoise(unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
-                          uncond.to(device), w.to(device), p.steps, p.batched_guidance,
-                          init(recs), p.strength)
-            with torch.no_grad():
-                x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
-            images.append(to_uint8(x, save_res, channels, params.encode.interpolation))
-        return images
+    def render(plan: list[dict]) -> dict:
+        """The images of `plan` (in its order) and their per-image arrays."""
+        def generate(batch_size: int) -> list[np.ndarray]:
+            images = []
+            for s in range(0, len(plan), batch_size):
+                recs = plan[s:s + batch_size]
+                rngs = [torch.Generator().manual_seed(r["seed"]) for r in recs]
+                cond = pg.cond(recs) if pg else torch.stack([perturbed_context(bank, r, p, rng)
+                                                             for r, rng in zip(recs, rngs)])
+                lat0 = torch.stack([torch.randn(4, latent, latent, generator=rng) for rng in rngs])  # (B, 4, h, w)
+                uncond = pg.uncond(recs) if pg else torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
+                w = torch.tensor([r["w"] for r in recs])
+                lat = denoise(unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device),
+                              uncond.to(device), w.to(device), p.steps, p.batched_guidance, init(recs), p.strength)
+                with torch.no_grad():
+                    x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
+                images.append(to_uint8(x, save_res, channels, params.encode.interpolation))
+            return images
 
-    images = with_halving(p.batch_size, generate, f"sample chunk {chunk}")
-    ckpt_ids = {c: (-1 if c == "final" else int(c)) for c in p.checkpoints}
-    arrays = dict(images=np.concatenate(images), labels=labels[[r["row"] for r in plan]],
-                  source_index=bank["index"].numpy()[[r["row"] for r in plan]],
-                  partner_index=np.asarray([bank["index"][r["partner"]].item() if r["partner"] >= 0 else -1
-                                            for r in plan], np.int64),
-                  checkpoint=np.asarray([ckpt_ids[r["ckpt"]] for r in plan], np.int64),
-                  guidance=np.asarray([r["w"] for r in plan], np.float32),
-                  seed=np.asarray([r["seed"] for r in plan], np.int64),
-                  noise_lambda=np.asarray([r.get("lambda", p.noise) for r in plan], np.float32))
-    if p.filter_min_confidence is not None:
-        arrays, plan = label_filter(params, arrays, plan, rows, root, device)
+        images = with_halving(p.batch_size, generate, f"sample chunk {chunk}")
+        return dict(images=np.concatenate(images), labels=labels[[r["row"] for r in plan]],
+                    source_index=bank["index"].numpy()[[r["row"] for r in plan]],
+                    partner_index=np.asarray([bank["index"][r["partner"]].item() if r["partner"] >= 0 else -1
+                                              for r in plan], np.int64),
+                    checkpoint=np.asarray([ckpt_ids[r["ckpt"]] for r in plan], np.int64),
+                    guidance=np.asarray([r["w"] for r in plan], np.float32),
+                    seed=np.asarray([r["seed"] for r in plan], np.int64),
+                    noise_lambda=np.asarray([r.get("lambda", p.noise) for r in plan], np.float32))
+
+    net = None  # the domain classifier (real train images) of the label filter and coverage allocation
+    if p.filter_min_confidence is not None or p.allocation == "coverage":
+        net = domain_net(params, root)
+
+    def make(plan: list[dict]) -> tuple[dict, list[dict]]:
+        if pg:
+            pg.pick(plan, labels)
+        arrays = render(plan)
+        return label_filter(params, arrays, plan, rows, net) if p.filter_min_confidence is not None else (arrays,
+                                                                                                           plan)
+
+    arrays, plan = make(plan_variants(labels, rows, p, b.seed, chunk, neighbours, lambdas,
+                                      {int(r): first_pass(p) for r in rows}))
+    if p.allocation == "coverage":  # the rest of the budget where the first pass left real images uncovered
+        counts = coverage_counts(params, arrays, plan, rows, bank, net, root)
+        more, plan2 = make(plan_variants(labels, rows, p, b.seed, chunk, neighbours, lambdas, counts,
+                                         s0=candidates(p, first_pass(p))))
+        plan += plan2
+        order = plan_order(plan, rows)
+        arrays = {k: np.concatenate([arrays[k], more[k]])[order] for k in arrays if k != "replaced_labels"} | (
+            {"replaced_labels": np.concatenate([arrays["replaced_labels"], more["replaced_labels"]])}
+            if "replaced_labels" in arrays else {})
+        plan = [plan[i] for i in order]
     io.save_npz(out, **(pg.finish(arrays, plan) if pg else arrays))
+
+
+def domain_net(params: Params, root: str | Path = "."):
+    """The domain classifier trained on the real train split (thinair/domain.py, cached by content)."""
+    from thinair.domain import domain_classifier
+    from thinair.upstream import read_split
+
+    train = read_split("train", root)
+    return domain_classifier(train.images, train.labels, len(train.class_names), params.metrics.feature_epochs,
+                             params.base.seed, root)
 
 
 PROVENANCE = "provenance.csv"
@@ -315,8 +379,8 @@ def label_filter_summary(params: Params, out: Path, files: list[str], root: str 
     log.info("sample: label filter (confidence >= %s) replaced %d image(s): %s", p.filter_min_confidence,
              len(replaced), ", ".join(f"{k} {v}" for k, v in per_class.items()) or "none")
     return {"label_filter": {"min_confidence": p.filter_min_confidence,
-                             "candidates_per_setting": candidates_per_setting(p),
-                             "replaced": int(len(replaced)), "replaced_per_class": per_class}}
+                             "candidates_per_image": p.filter_oversample,
+                             "replaced": len(replaced), "replaced_per_class": per_class}}
 
 
 def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
@@ -328,7 +392,7 @@ def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
     counts = table.groupby("file", sort=False).size().to_dict()
     clip, written = prompt_sampling.filter_summary(params, out, files)  # the CLIP filter's counts (method prompts)
     clip |= label_filter_summary(params, out, files, root)
-    manifest = {"chunks": files, "counts": {f: int(counts.get(f, 0)) for f in files}, "total": int(len(table)),
+    manifest = {"chunks": files, "counts": {f: int(counts.get(f, 0)) for f in files}, "total": len(table),
                 "variants_per_embedding": len(params.sample.checkpoints) * len(params.sample.guidance_scales)
                 * params.sample.samples_per_setting, "params": params.sample.model_dump(mode="json"),
                 "provenance": PROVENANCE} | clip

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from thinair.tasks.sample import load_bank, plan_variants
 
+from tests.conftest import tiny_params
+from tests.stages import run_all
 from thinair import io, variants
 from thinair.config import parse_params
 from thinair.diffusion import reconstruct
 from thinair.generator import load_generator
-from thinair.tasks.sample import load_bank, plan_variants
 from thinair.upstream import read_split
-from tests.conftest import tiny_params
-from tests.stages import run_all
 
 # three same-class points on a line and one of another class: 0 --1-- 1 ----3---- 2 ; 3 far away
 POINTS = torch.tensor([[0.0], [1.0], [4.0], [100.0]])
@@ -66,11 +66,21 @@ def test_the_filter_keeps_the_count_and_prefers_consistent_images():
     assert variants.select_consistent(groups, order, np.ones(6, int), probs, 2, 0.5).tolist() == [1, 2, 3, 4]  # all pass: draw order
 
 
+def test_coverage_finds_the_uncovered_and_spends_the_rest_there():
+    real = np.array([[0.0], [1.0], [2.0], [10.0], [11.0]])  # k=1 radii: 1, 1, 1, 1, 1
+    fake = np.array([[0.5], [1.9]])
+    assert variants.uncovered(real, np.arange(5), fake, 1).tolist() == [False, False, False, True, True]
+    assert variants.uncovered(real, np.array([3]), np.zeros((0, 1)), 1).tolist() == [True]
+    assert variants.allocate(5, np.array([False, True, False, True])).tolist() == [0, 3, 0, 2]
+    assert variants.allocate(6, np.zeros(3, bool)).tolist() == [2, 2, 2]  # all covered: uniform
+
+
 @pytest.mark.parametrize("bad, says", [
     ({"method": "class_tokens", "partner": "knn"}, "sample.partner is used only by sample.method: inversion"),
     ({"method": "class_tokens", "noise_schedule": "adaptive"}, "sample.noise_schedule is used only"),
     ({"method": "prompts", "start": "image"}, "sample.prompt_mode: img2img"),
     ({"start": "image", "steps": 2, "strength": 0.2}, "runs no denoising step"),
+    ({"allocation": "coverage", "samples_per_setting": 1}, "samples_per_setting >= 2"),
     ({"filter_min_confidence": 1.5}, "filter_min_confidence"),
     ({"partner": "closest"}, "partner"),
 ])
@@ -105,8 +115,14 @@ def test_every_option_end_to_end(tiny_generator, tmp_path):
     assert len(filt["images"]) == len(paper["images"])
     assert filt["confidence"].shape == filt["labels"].shape
     lf = manifest["label_filter"]
-    assert lf["candidates_per_setting"] == 4 and lf["replaced"] == sum(lf["replaced_per_class"].values())
+    assert lf["candidates_per_image"] == 2.0 and lf["replaced"] == sum(lf["replaced_per_class"].values())
     assert np.bincount(filt["source_index"]).tolist() == np.bincount(paper["source_index"]).tolist()
+    # coverage allocation: the same total, the second half of the budget on the embeddings left uncovered
+    cov, _ = _sample(ws, tiny_generator, "coverage", allocation="coverage", samples_per_setting=4)
+    per_image = np.bincount(cov["source_index"])
+    assert per_image.sum() == 2 * len(paper["images"]) and per_image.min() >= 2  # the uniform first pass: 2 each
+    first = {int(x): i for i, x in enumerate(cov["seed"])}  # the first pass draws the paper's images exactly
+    assert all(np.array_equal(cov["images"][first[int(x)]], paper["images"][i]) for i, x in enumerate(paper["seed"]))
     # start image at a small strength stays near the real image as the generator sees it (its VAE round trip)
     real = read_split("train", ws)
     img, _ = _sample(ws, tiny_generator, "img", start="image", strength=0.5, noise=0.0, interpolation=0.0)

@@ -235,6 +235,10 @@ class Sample(_Section):
         "(null = off).")
     filter_oversample: float = Field(2.0, ge=1, le=10, description="Filter on: candidates drawn per kept image "
                                      "(ceil(samples_per_setting x this) per setting).")
+    allocation: Literal["uniform", "coverage"] = Field(
+        "uniform", description="uniform = samples_per_setting images of every embedding (paper); coverage = the "
+        "first half of that, then the rest of the same total to the embeddings whose real image no synthetic image "
+        "covers yet (its k-NN ball among the real train images, metrics.k, domain classifier features).")
     start: Literal["noise", "image"] = Field(
         "noise", description="noise = sample from pure noise (paper); image = img2img from the image's own real "
         "latent (data/encode) noised to sample.strength, conditioned on its (perturbed) embedding: a "
@@ -277,6 +281,9 @@ class Sample(_Section):
             if used:
                 raise ValueError(f"sample.{used[0]} is used only by sample.method: inversion (method is "
                                  f"{self.method!r}); remove it")
+        if self.allocation == "coverage" and self.samples_per_setting < 2:
+            raise ValueError("sample.allocation: coverage splits samples_per_setting into two passes; set "
+                             "sample.samples_per_setting >= 2 (or allocation: uniform)")
         if self.method == "prompts" and self.start == "image":
             raise ValueError("sample.start: image is for embeddings; with sample.method: prompts set "
                              "sample.prompt_mode: img2img instead")

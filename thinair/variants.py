@@ -5,6 +5,9 @@
 * Per-embedding noise (``sample.noise_schedule: adaptive``): lambda_i = lambda x d_i / median(d), clipped to
   [lambda / 4, 4 lambda], where d_i is the mean distance of embedding i to its ``partner_k`` nearest same-class
   embeddings: isolated embeddings (sparse regions of the class) are perturbed more, crowded ones less.
+* Coverage-driven allocation (``sample.allocation: coverage``): half the budget is drawn uniformly, then the rest
+  goes to the real images whose k-NN ball (among the real train images, in the domain classifier's feature space)
+  holds none of those synthetic images: Naeem et al.'s coverage, per image (``uncovered``, ``allocate``).
 * Label-consistency filter (``sample.filter_min_confidence``): every candidate is scored by the domain classifier
   trained on the real train images (thinair/domain.py); per (embedding, checkpoint, guidance) the first
   ``samples_per_setting`` candidates that are predicted as their own class with at least that confidence are kept,
@@ -69,11 +72,13 @@ def adaptive_lambdas(points: torch.Tensor, labels: np.ndarray, noise: float, k: 
 
 
 def select_consistent(groups: np.ndarray, order: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                      keep: int, min_confidence: float) -> np.ndarray:
+                      keep, min_confidence: float) -> np.ndarray:
     """Indices of the kept candidates: per group, the first `keep` (by `order`) whose predicted class is their label
     with probability >= min_confidence, then the most confident others until `keep` (or the group runs out).
 
-    groups (M,) group id per candidate, order (M,) its draw rank in the group, labels (M,), probs (M, classes)."""
+    groups (M,) group id per candidate, order (M,) its draw rank in the group, labels (M,), probs (M, classes);
+    keep: an int, or an array indexed by group id."""
+    keep = np.broadcast_to(np.asarray(keep), (int(groups.max()) + 1 if len(groups) else 0,))
     conf = probs[np.arange(len(labels)), labels]
     ok = (probs.argmax(1) == labels) & (conf >= min_confidence)
     kept = []
@@ -82,5 +87,31 @@ def select_consistent(groups: np.ndarray, order: np.ndarray, labels: np.ndarray,
         idx = idx[np.argsort(order[idx], kind="stable")]
         good, bad = idx[ok[idx]], idx[~ok[idx]]
         bad = bad[np.argsort(-conf[bad], kind="stable")]
-        kept.append(np.concatenate([good, bad])[:keep])
+        kept.append(np.concatenate([good, bad])[:int(keep[g])])
     return np.sort(np.concatenate(kept)) if kept else np.zeros(0, np.int64)
+
+
+def uncovered(real: np.ndarray, rows: np.ndarray, fake: np.ndarray, k: int) -> np.ndarray:
+    """(len(rows),) bool: real feature rows[i] has no `fake` point within its k-th nearest real neighbour's distance.
+
+    real (N, F) every real train image's features, rows the ones to test, fake (M, F) synthetic features."""
+    r = torch.from_numpy(np.ascontiguousarray(real, dtype=np.float32))
+    q = r[torch.as_tensor(rows, dtype=torch.long)]
+    kth = min(k, len(r) - 1)
+    radius = torch.cdist(q, r).kthvalue(kth + 1, dim=1).values if kth >= 1 else torch.zeros(len(q))  # +1: itself
+    if not len(fake):
+        return np.ones(len(q), bool)
+    nearest = torch.cdist(q, torch.from_numpy(np.ascontiguousarray(fake, dtype=np.float32))).min(1).values
+    return (nearest > radius).numpy()
+
+
+def allocate(total: int, uncovered_mask: np.ndarray) -> np.ndarray:
+    """`total` images over the rows: as evenly as possible over the uncovered ones (the first get the remainder),
+    over all rows when every row is covered."""
+    mask = np.asarray(uncovered_mask, bool)
+    target = np.flatnonzero(mask) if mask.any() else np.arange(len(mask))
+    out = np.zeros(len(mask), np.int64)
+    if len(target):
+        out[target] = total // len(target)
+        out[target[:total % len(target)]] += 1
+    return out
