@@ -16,6 +16,10 @@ large mixed one) with the same seed, tested on the real test split (never used t
     real+di@<r>               the paper's other real:synthetic batch ratios (1:7, 1:3, 3:1, 7:1), reported beside
     real+di[<opts>]           real + DI with the beyond-paper sampling options of issue 17 (OPTIONS, joined by +:
                               knn, nearest, adaptive, filter, image; e.g. real+di[knn+filter]), same count
+    recon, real+recon         the k real images after the generator's VAE round trip (x1), alone and with the
+                              real ones: where Diffusion Inversion's images fall short, these say whether the
+                              generator's autoencoder already loses it (recon < real) or inversion and sampling do
+                              (di < recon at the same count ratio)
     real+tokens               real + the generator's class tokens (conditional generator only: it learned the pool's
                               labels, a baseline DI does not need)
     real+classenc             real + the class encoder (seed 002) trained on the k images per class
@@ -121,6 +125,15 @@ def synthetic_sets(args, params, cell: Path, arms: list[str], variant: str) -> d
         run_local("sample", p, ws)
         syn = read_synthetic(ws)
         out[f"inversion[{opts}]"] = (syn.images, syn.labels)
+    if any(a.split("@")[0] in ("recon", "real+recon") for a in arms):  # the generator's autoencoder alone
+        from thinair.diffusion import reconstruct
+        from thinair.generator import load_generator
+        from thinair.upstream import read_split
+
+        real = read_split("train", cell)
+        vae = load_generator(str(params.base.generator)).vae
+        out["reconstruction"] = (reconstruct(vae, real.images, params.base.gen_resolution,
+                                             params.encode.interpolation, 256, "cpu"), real.labels)
     for method, needed in wanted.items():
         if not needed:
             continue
@@ -143,12 +156,12 @@ def arm_sources(arm: str, real, syn: dict, default_fraction: float):
         return [real_src + (1.0,)], [arm[5:]]
     opts, kind = di_options(arm), arm.split("@")[0].split("[")[0]
     method = {"di": "inversion", "real+di": "inversion", "real+tokens": "class_tokens",
-              "real+classenc": "class_encoder"}.get(kind)
+              "real+classenc": "class_encoder", "recon": "reconstruction", "real+recon": "reconstruction"}.get(kind)
     method = f"{method}[{opts}]" if opts else method
     if method not in syn:
         return None
     x, y = syn[method]
-    if kind == "di":
+    if kind in ("di", "recon"):
         return [(x, y, 1.0)], []
     fraction = RATIOS[arm.split("@")[1]] if "@" in arm else default_fraction
     return [real_src + (fraction,), (x, y, 1 - fraction)], []

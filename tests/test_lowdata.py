@@ -13,7 +13,7 @@ lowdata = benchmark_script("lowdata")
 
 
 def _argv(tmp_path) -> list[str]:
-    return ["--ks", "2", "--seeds", "2", "--variants", "cond", "--arms", "real,real+cutout,di,real+di,real+tokens",
+    return ["--ks", "2", "--seeds", "2", "--variants", "cond", "--arms", "real,real+cutout,di,real+di,real+di[knn+filter],recon,real+tokens",
             "--pretrain-steps", "2,2", "--steps", "3", "--per-embedding", "1", "--root", str(tmp_path),
             "--params", str(ROOT / "params.yaml"), "-S", "invert.steps=2", "-S", "invert.checkpoint_every=1",
             "-S", "sample.steps=2", "-S", "metrics.feature_epochs=1", "-S", "pretrain.vae_channels=[8,16,16]",
@@ -24,12 +24,19 @@ def test_a_tiny_cell_end_to_end_then_resumed_from_the_caches(tmp_path, capsys):
     assert lowdata.main(_argv(tmp_path)) == 0
     out = json.loads((tmp_path / "benchmarks" / "lowdata" / "digits.json").read_text())
     rows = out["rows"]
-    assert {r["arm"] for r in rows} == {"real", "real+cutout", "di", "real+di", "real+tokens"}
+    assert {r["arm"] for r in rows} == {"real", "real+cutout", "di", "real+di", "real+di[knn+filter]", "recon",
+                                        "real+tokens"}
     assert all(r["real_images"] == 20 for r in rows)  # 2 per class of 10 classes
     di = next(r for r in rows if r["arm"] == "di")
     assert di["train_images"] == 20  # one synthetic image per real one
     both = next(r for r in rows if r["arm"] == "real+di")
     assert both["train_images"] == 40
+    options = next(r for r in rows if r["arm"] == "real+di[knn+filter]")  # issue 17's options: the same count
+    assert options["train_images"] == 40
+    cell = tmp_path / ".thinair" / "lowdata" / "digits" / "cond" / "k2" / "s0"
+    manifest = json.loads((cell / "di-knn-filter" / "data" / "sample" / "manifest.json").read_text())
+    assert manifest["params"]["partner"] == "knn" and manifest["label_filter"]["min_confidence"] == 0.5
+    assert next(r for r in rows if r["arm"] == "recon")["train_images"] == 20  # the VAE round trip of each real one
     summary = out["summary"]["cond"]["2"]
     assert summary["real"]["n"] == 2 and "best augmentation" in summary
     assert (tmp_path / "benchmarks" / "lowdata" / "digits.png").read_bytes()[:4] == b"\x89PNG"
