@@ -15,7 +15,7 @@ large mixed one) with the same seed, tested on the real test split (never used t
     real+di                   real and DI images, half of each batch each (cas.real_fraction 0.5)
     real+di@<r>               the paper's other real:synthetic batch ratios (1:7, 1:3, 3:1, 7:1), reported beside
     real+di[<opts>]           real + DI with the beyond-paper sampling options of issue 17 (OPTIONS, joined by +:
-                              knn, nearest, adaptive, filter, image; e.g. real+di[knn+filter]), same count
+                              knn, nearest, adaptive, filter, image, coverage; e.g. real+di[knn+filter]), same count
     recon, real+recon         the k real images after the generator's VAE round trip (x1), alone and with the
                               real ones: where Diffusion Inversion's images fall short, these say whether the
                               generator's autoencoder already loses it (recon < real) or inversion and sampling do
@@ -54,7 +54,8 @@ DEFAULT_ARMS = (["real"] + [f"real+{a}" for a in AUGMENTS] + ["di", "real+di"] +
 PLOTTED = ("real", "best augmentation", "real+di", "di", "real+tokens")
 OPTIONS = {  # issue 17's sampling options (sample.* overrides), composable in an arm: real+di[knn+filter]
     "knn": {"partner": "knn"}, "nearest": {"partner": "nearest"}, "adaptive": {"noise_schedule": "adaptive"},
-    "filter": {"filter_min_confidence": 0.5}, "image": {"start": "image", "strength": 0.6}}
+    "filter": {"filter_min_confidence": 0.5}, "image": {"start": "image", "strength": 0.6},
+    "coverage": {"allocation": "coverage"}}
 
 
 def di_options(arm: str) -> str | None:
