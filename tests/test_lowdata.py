@@ -47,3 +47,11 @@ def test_a_tiny_cell_end_to_end_then_resumed_from_the_caches(tmp_path, capsys):
     assert lowdata.main(_argv(tmp_path)) == 0  # everything cached: same numbers
     again = json.loads((tmp_path / "benchmarks" / "lowdata" / "digits.json").read_text())
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in rows]
+    # the coverage probe reads the same cell: every real image counted, covered or not
+    capsys.readouterr()
+    cell = tmp_path / ".thinair" / "lowdata" / "digits" / "cond" / "k2" / "s0"
+    assert benchmark_script("coverage_probe").main([str(cell), "--counts", "0,20", "--k", "1",
+                                                    "--params", str(ROOT / "params.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "first 0 synthetic images leave 20 of 20 real train images uncovered" in lines[0]
+    assert len(lines) == 2 and "of 20 real train images uncovered (k=1)" in lines[1]
