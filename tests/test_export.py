@@ -140,7 +140,7 @@ def test_webdataset_round_trip(project, truth, tmp_path):
 
 def test_filters(project):
     from thinair.data import apply_where, select
-    from thinair.export import class_dirs
+    from thinair.formats import class_dirs
 
     root, _ = project
     prov = pd.read_csv(root / "data" / "sample" / "provenance.csv")

@@ -62,12 +62,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export_arguments(sub) -> None:
-    """`thinair export`'s arguments; the export itself is thinair/export.py (imported only when it runs)."""
+    """`thinair export`'s arguments; the export itself is thinair/formats.py (imported only when it runs)."""
     ex = sub.add_parser("export", help="write data/sample (optionally with the real train split) as an image "
                         "folder, a Hugging Face dataset or WebDataset shards, with a dataset card (README.md)")
     ex.add_argument("out", help="output folder (must not exist, or be empty)")
     ex.add_argument("--format", choices=("imagefolder", "hf", "webdataset"), default="imagefolder",
-                    help="default: imagefolder (thinair/export.py describes each layout)")
+                    help="default: imagefolder (thinair/formats.py describes each layout)")
     ex.add_argument("--where", action="append", default=[], metavar="COLUMN<OP>VALUE",
                     help="keep rows whose provenance column meets this (op: = != < <= > >=), repeatable (all must "
                     "hold), e.g. checkpoint=-1, guidance>=2, method=inversion, clip_score>25; a condition on a column "
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(args, params) -> int:
     """`thinair export`: no Prefect, no lock (it only reads data/ and writes its own folder, atomically)."""
-    from thinair.export import run
+    from thinair.formats import run
 
     try:
         summary = run(args, params)
