@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from thinair import progress
 from thinair.config import STAGES, ParamsError, load_params
 
 EXIT_PARAMS, EXIT_FAILED = 2, 1
@@ -109,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         return serving.main(args)
     try:
         params = load_params(args.params, args.set)
+        progress.mode()  # THINAIR_PROGRESS, checked before any work like the params
     except ParamsError as err:
         print(f"thinair: invalid parameters\n{err}", file=sys.stderr)
+        return EXIT_PARAMS
+    except ValueError as err:
+        print(f"thinair: {err}", file=sys.stderr)
         return EXIT_PARAMS
     if args.command in EVALUATED_BY_METRICS and params.metrics.features != "domain":
         from thinair.features import FeaturesUnavailable, check_available
