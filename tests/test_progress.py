@@ -76,6 +76,27 @@ def test_the_lines_stay_with_the_bar_and_without_it(caplog):
     assert seen["off"] == ([], "", "")  # off: no bar, and the lines only at DEBUG
 
 
+def _bar_drawn_here(result=None) -> bool:
+    with progress.Progress("sample", 2, Terminal(), {}) as p:
+        drawn = p._bar is not None
+    if result is not None:
+        result.put(drawn)
+    return drawn
+
+
+def test_a_worker_process_draws_no_bar_of_its_own():
+    """A task runner's worker (search runs the sample stage inside its task) logs its lines; its parent draws."""
+    import multiprocessing
+
+    assert _bar_drawn_here()  # here: the process owning the terminal
+    ctx = multiprocessing.get_context("spawn")
+    result = ctx.Queue()
+    worker = ctx.Process(target=_bar_drawn_here, args=(result,))
+    worker.start()
+    assert result.get(timeout=120) is False
+    worker.join(timeout=60)
+
+
 def screen(raw: str) -> list[str]:
     """What a terminal shows after `raw`: a carriage return goes back to column 0, where text overwrites, and
     ESC [ K there erases the line."""

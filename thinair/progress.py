@@ -15,6 +15,7 @@ There is never a bar when stderr is not a terminal (a pipe, a file, CI). Reads t
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
@@ -73,15 +74,17 @@ def worker_log_format(env: Mapping[str, str] | None = None) -> str:
 
 
 class Progress:
-    """`total` units of `what`: a log line per finished unit and, when :func:`bar_wanted`, a live bar. Use it as a
-    context manager: the bar is removed at exit (the lines stay)."""
+    """`total` units of `what`: a log line per finished unit and, when :func:`bar_wanted` in the process that owns the
+    terminal (not in a task runner's worker process), a live bar. Use it as a context manager: the bar is removed at
+    exit (the lines stay)."""
 
     def __init__(self, what: str, total: int, stream=None, env: Mapping[str, str] | None = None):
         self.what, self.total, self.done, self._clock = what, total, 0, time.monotonic
         self.t0 = self.last = self._clock()
         self.eta: float | None = None  # seconds left, as estimated when the last unit finished
         self.level = logging.DEBUG if mode(env) == "off" else logging.INFO
-        self._bar = _Bar(self, sys.stderr if stream is None else stream) if bar_wanted(stream, env) else None
+        drawn = bar_wanted(stream, env) and multiprocessing.parent_process() is None  # a worker's parent draws it
+        self._bar = _Bar(self, sys.stderr if stream is None else stream) if drawn else None
 
     def finished(self, name: str) -> None:
         """Unit `name` is done: log its line (ETA = mean time per unit so far x units left) and move the bar."""
@@ -112,10 +115,10 @@ class Progress:
 
 
 class _HomeAfterDraw:
-    """The bar's stream: every write that does not end a line is followed by ``\r``, so the cursor waits at the start
-    of the bar's line and a line another process prints there (a worker process's log line) overwrites the short bar
-    instead of being glued after it; the next redraw puts the bar below that line. Equal to the stream it wraps, so
-    ``tqdm.write`` to that stream lifts the bar too."""
+    """The bar's stream: every write that does not end a line is followed by ``\\r``, so the cursor waits at the start
+    of the bar's line and a line another process prints there (a worker's log line, which also wipes that line
+    first: :func:`worker_log_format`) starts at column 0 instead of being glued after the bar; the next redraw puts the
+    bar below that line. Equal to the stream it wraps, so ``tqdm.write`` to that stream lifts the bar too."""
 
     def __init__(self, stream):
         self.stream = stream
