@@ -34,7 +34,7 @@ from thinair.immiscible import immiscible_noise
 from thinair.orchestration import task_options
 from thinair import datasets
 from thinair.rawdata import RawDataset, holdout_split, image_hashes
-from thinair.units import duration
+from thinair.progress import duration
 
 log = logging.getLogger(__name__)
 

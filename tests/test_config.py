@@ -17,7 +17,8 @@ def test_shipped_params_are_valid_and_name_every_stage():
     p = load_params(ROOT / "params.yaml")
     assert p.base.dataset == "digits" and p.invert.lr == 0.03 and p.sample.uncond == "dataset"
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(dvc) == ["ingest", "pretrain", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report"]
+    assert list(dvc) == ["ingest", "pretrain", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report",
+                         "export"]
     for name, stage in dvc.items():
         assert stage["cmd"] == f"thinair {name}"
         assert (ROOT / "tasks" / f"{name}.py").is_file() and (ROOT / "flows" / f"{name}.py").is_file()

@@ -14,7 +14,8 @@ from thinair import dvcrun, io
 from thinair.config import ParamsError
 from tests.test_dvc_repro import _digests, _project
 
-STAGES = ["ingest", "pretrain", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report"]
+STAGES = ["ingest", "pretrain", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report",
+          "export"]
 
 
 @pytest.fixture
@@ -60,7 +61,8 @@ def test_regenerate_does_nothing_when_unchanged_and_exactly_the_stale_stages_aft
     ingest_before = _digests(proj)
     out = pipeline_flow(guidance_scales=[3.0], push=True, root=str(proj))
     assert out["changed_params"] == ["sample.guidance_scales"]
-    assert out["reproduced"] == ["search", "sample", "metrics", "cas", "report"], out  # search: a no-op at trials 0
+    # search and export: no-ops at search.trials 0 and export.format null
+    assert out["reproduced"] == ["search", "sample", "metrics", "cas", "report", "export"], out
     assert out["pushed"] > 0
     after = _digests(proj)
     for stage in ("ingest", "encode", "invert"):

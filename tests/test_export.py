@@ -1,10 +1,12 @@
 """thinair export, thinair.data and the dataset card: every format loaded back by the library that owns it
 (torchvision ImageFolder, Hugging Face datasets, webdataset) equals data/sample pixel for pixel and label for label.
+The optional `export` stage writes data/export byte for byte as `thinair export` writes the same options.
 
 One tiny project (ingest .. sample on the tiny random generator) is built once for the module."""
 from __future__ import annotations
 
 import glob
+import json
 import re
 import shutil
 import sys
@@ -18,7 +20,7 @@ import yaml
 from tests.conftest import tiny_params
 from tests.stages import run_all
 from thinair.cli import main
-from thinair.config import parse_params
+from thinair.config import ParamsError, parse_params
 from thinair.upstream import read_split, read_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +142,7 @@ def test_webdataset_round_trip(project, truth, tmp_path):
 
 def test_filters(project):
     from thinair.data import apply_where, select
-    from thinair.export import class_dirs
+    from thinair.formats import class_dirs
 
     root, _ = project
     prov = pd.read_csv(root / "data" / "sample" / "provenance.csv")
@@ -293,3 +295,109 @@ def test_report_legend_names_classes_once():
     named = class_legend(["cat", "dog"])
     assert "<li>0: cat</li>" in named and "<li>1: dog</li>" in named
     assert class_label(2, "2") == "2" and class_label(2, "bird") == "2: bird"
+
+
+# --- the `export` stage (tasks/export.py): the same export, written by `dvc repro` into data/export ----------------
+
+def stage_params(project, **export):
+    """The project's params with this `export` section."""
+    return parse_params(yaml.safe_load((project[0] / "params.yaml").read_text()) | {"export": export})
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {f.relative_to(folder).as_posix(): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_export_stage_writes_what_thinair_export_writes(project, tmp_path):
+    from thinair.formats import command_line
+    from thinair.tasks.export import command
+    from thinair.units import run_local
+
+    root, out = project[0], project[0] / "data" / "export"
+    off = run_local("export", stage_params(project), root)  # the default: off, a manifest says so
+    assert off["ran"] is False and "export.format is null" in off["why"] and list(files(out)) == ["manifest.json"]
+
+    opts = {"format": "webdataset", "where": ["checkpoint=-1"], "real": True, "per_class": 3, "seed": 1, "shard_size": 7}
+    params = stage_params(project, **opts)
+    manifest = run_local("export", params, root)
+    args = ["--format", "webdataset", "--where", "checkpoint=-1", "--real", "--per-class", "3", "--seed", "1",
+            "--shard-size", "7"]
+    assert cli(project, *args, str(tmp_path / "cli")) == 0
+    stage, by_hand = files(out), files(tmp_path / "cli")
+    assert json.loads(stage.pop("manifest.json")) == manifest
+    assert manifest["images"] == 30 and manifest["real"] + manifest["synthetic"] == 30 and manifest["options"] == \
+        params.export.model_dump(mode="json")
+    card, card_by_hand = stage.pop("README.md").decode(), by_hand.pop("README.md").decode()
+    assert stage == by_hand and len(stage) == 5  # the same shards, byte for byte: 30 images, 7 per shard
+    assert "dvc repro export" in card and "--shard-size 7 OUT" in card
+    assert card_by_hand.replace(command_line(tmp_path / "cli", "webdataset", ["checkpoint=-1"], True, None, 3, 1, 7),
+                                command(params.export)) == card  # the same card but for how it was made
+
+    # a selection error names the param and its fix; the last good export stays
+    before = files(out)
+    for where, why in ((["clip_score>20"], "export.where clip_score>20: no column 'clip_score'"),
+                       (["guidance>10"], "no image meets export.where guidance>10")):
+        with pytest.raises(ValueError, match=re.escape(why) + ".*fix export.where in params.yaml"):
+            run_local("export", stage_params(project, format="imagefolder", where=where), root)
+        assert files(out) == before
+
+    assert run_local("export", stage_params(project), root)["ran"] is False  # off again: the export is taken away
+    assert list(files(out)) == ["manifest.json"] and not (root / ".thinair" / "work" / "export").exists()
+
+
+@pytest.mark.parametrize("section, named", [
+    ({"format": "parquet"}, "export.format: got 'parquet'; Input should be 'imagefolder', 'hf' or 'webdataset'"),
+    ({"where": ["nonsense"]}, "'nonsense' is not COLUMN<op>VALUE"),
+    ({"where": "checkpoint=-1"}, "export.where: got 'checkpoint=-1'; Input should be a valid list"),
+    ({"limit": 0}, "export.limit: got 0"),
+    ({"shard_size": 0}, "export.shard_size: got 0"),
+    ({"wher": ["checkpoint=-1"]}, "export.wher: unknown key (value ['checkpoint=-1']). Did you mean 'where'?"),
+])
+def test_bad_export_params_name_the_key(section, named):
+    with pytest.raises(ParamsError) as err:
+        parse_params({"export": section})
+    assert named in str(err.value) and "Fix params.yaml" in str(err.value)
+
+
+def test_export_where_is_checked_with_the_grammar_of_the_filters():
+    from thinair.data import parse_where
+
+    for cond in ("checkpoint=-1", "guidance>=2", "a=b>c", "a<b=c", "label!=3", "x==1", "  seed < 5", "nonsense", "=1",
+                 " >= 2", "a!b=c", "!=x", "guidance>"):
+        try:
+            parse_where(cond)
+            valid = True
+        except ValueError:
+            valid = False
+        try:
+            parse_params({"export": {"where": [cond]}})
+            accepted = True
+        except ParamsError:
+            accepted = False
+        assert accepted is valid, cond
+
+
+def test_export_stage_from_the_cli(project, tmp_path, capsys):
+    root = project[0]
+    f = str(root / "params.yaml")
+    assert main(["--params", f, "--root", str(root), "-S", "export.format=tar", "export"]) == 2  # before any work
+    assert "export.format: got 'tar'" in capsys.readouterr().err
+    assert main(["--params", f, "--root", str(root), "export", "--real", "--where", "checkpoint=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--where, --real need an OUT folder" in err and "-S export.where=" in err
+
+
+def test_export_stage_runs_as_a_cached_flow(prefect_server, project, capsys):
+    from tests.test_caching import _task_states
+    from thinair.flows.export import export_flow
+
+    root = project[0]
+    argv = ["--params", str(root / "params.yaml"), "--root", str(root), "-S", "export.format=imagefolder", "-S",
+            "export.limit=10", "export"]
+    assert main(argv) == 0, capsys.readouterr().err  # `thinair export` without OUT: what dvc.yaml's stage runs
+    assert len(list((root / "data" / "export").rglob("*.png"))) == 10
+    params = stage_params(project, format="imagefolder", limit=10)
+    assert _task_states(export_flow(params=params, root=str(root), return_state=True)) == {"export-all": "Cached"}
+    assert _task_states(export_flow(params=stage_params(project, format="imagefolder", limit=9), root=str(root),
+                                    return_state=True)) == {"export-all": "Completed"}
+    assert len(list((root / "data" / "export").rglob("*.png"))) == 9

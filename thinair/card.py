@@ -7,7 +7,7 @@ quality (FID/KID/PRDC against their real floor, CAS against training on real ima
 provenance columns and how to reproduce (``dvc repro`` at the git revision). Reads ``data/ingest/manifest.json``,
 ``data/sample/manifest.json``, and when present ``data/encode/manifest.json``, ``data/encode/fit.json``,
 ``data/metrics/metrics.json``, ``data/cas/cas.json``; runs ``git rev-parse HEAD`` in the project root. Writes
-nothing (thinair/export.py writes the text).
+nothing (thinair/formats.py writes the text).
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from thinair import progress
 from thinair.config import STAGES, ParamsError, load_params
 
 EXIT_PARAMS, EXIT_FAILED = 2, 1
@@ -62,12 +63,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export_arguments(sub) -> None:
-    """`thinair export`'s arguments; the export itself is thinair/export.py (imported only when it runs)."""
+    """`thinair export`'s arguments; the export itself is thinair/formats.py (imported only when it runs)."""
     ex = sub.add_parser("export", help="write data/sample (optionally with the real train split) as an image "
-                        "folder, a Hugging Face dataset or WebDataset shards, with a dataset card (README.md)")
-    ex.add_argument("out", help="output folder (must not exist, or be empty)")
+                        "folder, a Hugging Face dataset or WebDataset shards, with a dataset card (README.md); "
+                        "without OUT, run the `export` stage (data/export from params.yaml's export section)")
+    ex.add_argument("out", nargs="?", default=None, help="output folder (must not exist, or be empty); without it, "
+                    "run the `export` stage as dvc repro does: its options are params (-S export.format=hf ...)")
     ex.add_argument("--format", choices=("imagefolder", "hf", "webdataset"), default="imagefolder",
-                    help="default: imagefolder (thinair/export.py describes each layout)")
+                    help="default: imagefolder (thinair/formats.py describes each layout)")
     ex.add_argument("--where", action="append", default=[], metavar="COLUMN<OP>VALUE",
                     help="keep rows whose provenance column meets this (op: = != < <= > >=), repeatable (all must "
                     "hold), e.g. checkpoint=-1, guidance>=2, method=inversion, clip_score>25; a condition on a column "
@@ -109,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         return serving.main(args)
     try:
         params = load_params(args.params, args.set)
+        progress.mode()  # THINAIR_PROGRESS, checked before any work like the params
     except ParamsError as err:
         print(f"thinair: invalid parameters\n{err}", file=sys.stderr)
+        return EXIT_PARAMS
+    except ValueError as err:
+        print(f"thinair: {err}", file=sys.stderr)
         return EXIT_PARAMS
     if args.command in EVALUATED_BY_METRICS and params.metrics.features != "domain":
         from thinair.features import FeaturesUnavailable, check_available
@@ -124,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(f"{args.params}: OK")
         return 0
-    if args.command == "export":
+    if args.command == "export" and args.out is not None:
         return _export(args, params)
+    if args.command == "export" and _export_flags(args):
+        print(f"thinair export: {', '.join(_export_flags(args))} need an OUT folder; the `export` stage (no OUT) takes "
+              "its options from params.yaml's export section (e.g. -S export.where='[checkpoint=-1]')", file=sys.stderr)
+        return EXIT_PARAMS
     from thinair import redact
     from thinair.orchestration import configure, task_runner
     from thinair.workspace import exclusive
@@ -164,9 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _export_flags(args) -> list[str]:
+    """The `thinair export` options given on the command line (they apply to an OUT folder, not to the stage)."""
+    defaults = vars(_parser().parse_args(["export"]))
+    return [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+            if k not in ("params", "set", "root", "command", "out") and v != defaults[k]]
+
+
 def _export(args, params) -> int:
     """`thinair export`: no Prefect, no lock (it only reads data/ and writes its own folder, atomically)."""
-    from thinair.export import run
+    from thinair.formats import run
 
     try:
         summary = run(args, params)

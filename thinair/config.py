@@ -428,6 +428,32 @@ class Search(_Section):
                        "seed on a small validation part is too noisy to rank settings).")
 
 
+class Export(_Section):
+    """The optional `export` stage: `thinair export`'s options, so `dvc repro` writes and versions data/export."""
+    format: Literal["imagefolder", "hf", "webdataset"] | None = Field(
+        None, description="null: the `export` stage does nothing; imagefolder | hf | webdataset: it writes data/export "
+        "as `thinair export --format <it>` writes an export, dataset card included (thinair/formats.py).")
+    where: list[str] = Field([], description="Keep images whose provenance meets every COLUMN<op>VALUE (op = != < <= > "
+                             ">=), e.g. checkpoint=-1, guidance>=2, method=inversion (as --where).")
+    real: bool = Field(False, description="Add the real train split, provenance method real (as --real).")
+    limit: int | None = Field(None, ge=1, description="At most this many images in all, a seeded draw (as --limit).")
+    per_class: int | None = Field(None, ge=1, description="At most this many images per class, a seeded draw (as "
+                                  "--per-class).")
+    seed: int = Field(0, ge=0, description="Seed of the limit / per_class draws (as --seed).")
+    shard_size: int = Field(10000, ge=1, description="Images per parquet file (hf) or tar shard (webdataset) (as "
+                            "--shard-size).")
+
+    @field_validator("where")
+    @classmethod
+    def _where(cls, v: list[str]) -> list[str]:
+        for cond in v:  # the grammar of thinair.data.parse_where (not imported: it would pull pandas into every stage)
+            m = re.match(r"([^<>=!]+)(>=|<=|!=|==|=|>|<)", cond)
+            if m is None or not m.group(1).strip():
+                raise ValueError(f"{cond!r} is not COLUMN<op>VALUE with op one of = != < <= > >=; write e.g. "
+                                 "checkpoint=-1 or guidance>=2")
+        return v
+
+
 class Params(_Section):
     base: Base = Base()
     ingest: Ingest = Ingest()
@@ -440,6 +466,7 @@ class Params(_Section):
     cas: Cas = Cas()
     report: Report = Report()
     search: Search = Search()
+    export: Export = Export()
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":

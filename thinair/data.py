@@ -2,7 +2,7 @@
 
 Reads ``data/sample/manifest.json``, ``data/sample/provenance.csv`` and the sample shards (``train-NNNNN.npz``), and
 with ``real=True`` the ingest train shards (``data/ingest``) too. Writes nothing. ``thinair export``
-(thinair/export.py) selects with the same functions, so an export and a :class:`SyntheticDataset` built with the same
+(thinair/formats.py) selects with the same functions, so an export and a :class:`SyntheticDataset` built with the same
 filters hold the same images in the same order::
 
     from thinair.data import SyntheticDataset, provenance

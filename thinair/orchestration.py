@@ -42,9 +42,11 @@ def _init_worker(threads: int) -> None:
 
     import torch
 
+    from thinair.progress import worker_log_format
+
     torch.set_num_threads(threads)
     # progress and cache messages of the stage code (the parent's logging setup is not inherited by spawn)
-    logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format=worker_log_format())
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from thinair import redact
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from thinair import codegraph, faults, io, paths
 from thinair.codegraph import code_key  # noqa: F401 - stages key their sub-results with it
+from thinair.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -258,38 +259,15 @@ def run_unit(stage, params, unit: dict, root: str | Path = ".", device=None, key
     return record(root, [out], unit=unit, key=key, file=Path(os.path.relpath(out, root)).as_posix())
 
 
-def duration(seconds: float) -> str:
-    """``3 min 10 s`` / ``1 h 02 min`` / ``12 s`` (progress lines' ETA)."""
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
-
-
-class Progress:
-    """One log line per finished unit: ``invert: chunk-007 done (8/15, 53 %) — ETA 3 min 10 s``."""
-
-    def __init__(self, what: str, total: int):
-        import time
-
-        self.what, self.total, self.done, self.t0, self._clock = what, total, 0, time.monotonic(), time.monotonic
-
-    def finished(self, name: str) -> None:
-        self.done += 1
-        elapsed = self._clock() - self.t0
-        eta = elapsed / self.done * (self.total - self.done)
-        log.info("%s: %s done (%d/%d, %d %%)%s", self.what, name, self.done, self.total,
-                 100 * self.done // max(1, self.total), f" — ETA {duration(eta)}" if self.done < self.total else "")
-
-
 def run_local(stage, params, root: str | Path = ".", device=None):
     """Run a whole stage in this process, without Prefect (tests, benchmarks, scratch workspaces)."""
     mod = stage_module(stage)
     units = mod.units(params, root)
-    progress, records = Progress(mod.STAGE, len(units)), []
-    for u in units:
-        records.append(run_unit(mod, params, u, root, device))
-        progress.finished(u["name"])
+    records = []
+    with Progress(mod.STAGE, len(units)) as progress:
+        for u in units:
+            records.append(run_unit(mod, params, u, root, device))
+            progress.finished(u["name"])
     return mod.finish(params, records, root)
 
 
@@ -340,11 +318,11 @@ def fan_out(task, calls: list[tuple], root, what: str, names: list[str] | None =
     progress = create_progress_artifact(0.0, key=f"{what}-progress",
                                         description=f"{what}: {len(futures)} task(s) finished, in percent")
     index = {id(f): i for i, f in enumerate(futures)}
-    lines = Progress(what, len(futures))  # the terminal (and dvc repro's log) names every finished task
-    for done, f in enumerate(as_completed(futures), 1):
-        update_progress_artifact(progress, 100.0 * done / max(1, len(futures)))
-        i = index.get(id(f))
-        lines.finished(names[i] if names and i is not None else f"task {done}")
+    with Progress(what, len(futures)) as lines:  # a line per finished task (and a live bar on a terminal)
+        for done, f in enumerate(as_completed(futures), 1):
+            update_progress_artifact(progress, 100.0 * done / max(1, len(futures)))
+            i = index.get(id(f))
+            lines.finished(names[i] if names and i is not None else f"task {done}")
     return [f.result() for f in futures]
 
 

@@ -37,6 +37,7 @@ from thinair.data import ShardCache, class_names, select, shard_path, to_pil
 from thinair.errors import ExportFailed
 
 FORMATS = ("imagefolder", "hf", "webdataset")
+SHARD_SIZE = 10000  # images per parquet file / tar shard unless --shard-size says otherwise
 
 
 def png(image: np.ndarray) -> bytes:
@@ -58,7 +59,7 @@ def class_dirs(names: list[str]) -> list[str]:
     out = []
     for k, name in enumerate(names):
         d = re.sub(r"[/\\\x00]", "_", str(name)).strip()
-        d = f"class_{k}" if d in ("", ".", "..", "README.md", "provenance.csv") or d in out else d
+        d = f"class_{k}" if d in ("", ".", "..", "README.md", "provenance.csv", "manifest.json") or d in out else d
         out.append(d)
     return out
 
@@ -145,18 +146,22 @@ def write_webdataset(root, table: pd.DataFrame, out: Path, names: list[str], sha
 WRITERS = {"imagefolder": write_imagefolder, "hf": write_hf, "webdataset": write_webdataset}
 
 
-def command_line(out, fmt: str, where=(), real=False, limit=None, per_class=None, seed=0) -> str:
+def command_line(out, fmt: str, where=(), real=False, limit=None, per_class=None, seed=0,
+                 shard_size=SHARD_SIZE) -> str:
     """The ``thinair export`` command that makes this export (for the card)."""
     args = ["thinair", "export", "--format", fmt] + [a for w in where for a in ("--where", w)]
     args += (["--real"] if real else []) + (["--limit", str(limit)] if limit is not None else [])
     args += (["--per-class", str(per_class)] if per_class is not None else [])
-    args += (["--seed", str(seed)] if seed else []) + [str(out)]
+    args += (["--seed", str(seed)] if seed else [])
+    args += (["--shard-size", str(shard_size)] if shard_size != SHARD_SIZE and fmt != "imagefolder" else []) + [str(out)]
     return shlex.join(args)
 
 
 def export(params, out: str | Path, fmt: str = "imagefolder", root: str | Path = ".", where=(), real: bool = False,
-           limit: int | None = None, per_class: int | None = None, seed: int = 0, shard_size: int = 10000) -> dict:
-    """Write the selected images to `out` in `fmt` with a dataset card (README.md); returns a summary."""
+           limit: int | None = None, per_class: int | None = None, seed: int = 0, shard_size: int = SHARD_SIZE,
+           command: str | None = None) -> dict:
+    """Write the selected images to `out` in `fmt` with a dataset card (README.md); returns a summary. `command` is
+    what the card says made the export (default: the ``thinair export`` command line of these arguments)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if shard_size < 1:
@@ -172,7 +177,7 @@ def export(params, out: str | Path, fmt: str = "imagefolder", root: str | Path =
     try:
         layout = WRITERS[fmt](root, table.copy(), tmp, names, shard_size)
         text = card.render(params, root, table, fmt, layout,
-                           command_line(out, fmt, where, real, limit, per_class, seed), shard_size)
+                           command or command_line(out, fmt, where, real, limit, per_class, seed, shard_size), shard_size)
         (tmp / "README.md").write_text(text)
         if out.exists():
             out.rmdir()
