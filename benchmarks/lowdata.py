@@ -20,6 +20,7 @@ large mixed one) with the same seed, tested on the real test split (never used t
                               real ones: where Diffusion Inversion's images fall short, these say whether the
                               generator's autoencoder already loses it (recon < real) or inversion and sampling do
                               (di < recon at the same count ratio)
+    <arm>+<augment>           a synthetic arm with a classical augmentation on its batches (real+di+mixup)
     real+tokens               real + the generator's class tokens (conditional generator only: it learned the pool's
                               labels, a baseline DI does not need)
     real+classenc             real + the class encoder (seed 002) trained on the k images per class
@@ -115,10 +116,11 @@ def synthetic_sets(args, params, cell: Path, arms: list[str], variant: str) -> d
     for stage in ("ingest", "encode", "invert"):
         run_local(stage, params, cell)
     out = {}
-    wanted = {"inversion": any(a.split("[")[0].split("@")[0] in ("di", "real+di") and "[" not in a for a in arms),
-              "class_tokens": variant == "cond" and "real+tokens" in arms,
-              "class_encoder": "real+classenc" in arms}
-    for opts in sorted({di_options(a) for a in arms} - {None}):  # issue 17's options: DI with sample overrides
+    bases = [split_augment(a)[0] for a in arms]
+    wanted = {"inversion": any(a.split("@")[0] in ("di", "real+di") for a in bases),
+              "class_tokens": variant == "cond" and "real+tokens" in bases,
+              "class_encoder": "real+classenc" in bases}
+    for opts in sorted({di_options(a) for a in bases} - {None}):  # issue 17's options: DI with sample overrides
         ws = link_stages(cell / f"di-{opts.replace('+', '-')}", cell, ("ingest", "encode", "invert"))
         update = {k: v for o in opts.split("+") for k, v in OPTIONS[o].items()}
         p = params.model_copy(update={"sample": params.sample.model_copy(update=update)})
@@ -126,7 +128,7 @@ def synthetic_sets(args, params, cell: Path, arms: list[str], variant: str) -> d
         run_local("sample", p, ws)
         syn = read_synthetic(ws)
         out[f"inversion[{opts}]"] = (syn.images, syn.labels)
-    if any(a.split("@")[0] in ("recon", "real+recon") for a in arms):  # the generator's autoencoder alone
+    if any(a.split("@")[0] in ("recon", "real+recon") for a in bases):  # the generator's autoencoder alone
         from thinair.diffusion import reconstruct
         from thinair.generator import load_generator
         from thinair.upstream import read_split
@@ -148,13 +150,27 @@ def synthetic_sets(args, params, cell: Path, arms: list[str], variant: str) -> d
     return out
 
 
+def split_augment(arm: str) -> tuple[str, list[str]]:
+    """real+di+mixup -> (real+di, [mixup]): a synthetic arm with a classical augmentation on its batches."""
+    for a in AUGMENTS:
+        if arm.endswith(f"+{a}") and arm != f"real+{a}":
+            return arm[:-len(a) - 1], [a]
+    return arm, []
+
+
 def arm_sources(arm: str, real, syn: dict, default_fraction: float):
     """[(images, labels, batch share)] and the augmentations of one arm; None when the arm does not apply."""
     real_src = (real.images, real.labels)
+    arm, extra = split_augment(arm)
     if arm == "real":
         return [real_src + (1.0,)], []
     if arm.startswith("real+") and arm[5:] in AUGMENTS:
         return [real_src + (1.0,)], [arm[5:]]
+    spec = _synthetic_sources(arm, real_src, syn, default_fraction)
+    return None if spec is None else (spec, extra)
+
+
+def _synthetic_sources(arm: str, real_src: tuple, syn: dict, default_fraction: float) -> list | None:
     opts, kind = di_options(arm), arm.split("@")[0].split("[")[0]
     method = {"di": "inversion", "real+di": "inversion", "real+tokens": "class_tokens",
               "real+classenc": "class_encoder", "recon": "reconstruction", "real+recon": "reconstruction"}.get(kind)
@@ -163,9 +179,9 @@ def arm_sources(arm: str, real, syn: dict, default_fraction: float):
         return None
     x, y = syn[method]
     if kind in ("di", "recon"):
-        return [(x, y, 1.0)], []
+        return [(x, y, 1.0)]
     fraction = RATIOS[arm.split("@")[1]] if "@" in arm else default_fraction
-    return [real_src + (fraction,), (x, y, 1 - fraction)], []
+    return [real_src + (fraction,), (x, y, 1 - fraction)]
 
 
 def run_cell(args, ws: Path, generator: Path, variant: str, k: int | None, seed: int, arms: list[str]) -> list[dict]:

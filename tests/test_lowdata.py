@@ -13,7 +13,8 @@ lowdata = benchmark_script("lowdata")
 
 
 def _argv(tmp_path) -> list[str]:
-    return ["--ks", "2", "--seeds", "2", "--variants", "cond", "--arms", "real,real+cutout,di,real+di,real+di[knn+filter],recon,real+tokens",
+    return ["--ks", "2", "--seeds", "2", "--variants", "cond",
+            "--arms", "real,real+cutout,di,real+di,real+di+cutout,real+di[knn+filter],recon,real+tokens",
             "--pretrain-steps", "2,2", "--steps", "3", "--per-embedding", "1", "--root", str(tmp_path),
             "--params", str(ROOT / "params.yaml"), "-S", "invert.steps=2", "-S", "invert.checkpoint_every=1",
             "-S", "sample.steps=2", "-S", "metrics.feature_epochs=1", "-S", "pretrain.vae_channels=[8,16,16]",
@@ -24,8 +25,9 @@ def test_a_tiny_cell_end_to_end_then_resumed_from_the_caches(tmp_path, capsys):
     assert lowdata.main(_argv(tmp_path)) == 0
     out = json.loads((tmp_path / "benchmarks" / "lowdata" / "digits.json").read_text())
     rows = out["rows"]
-    assert {r["arm"] for r in rows} == {"real", "real+cutout", "di", "real+di", "real+di[knn+filter]", "recon",
-                                        "real+tokens"}
+    assert {r["arm"] for r in rows} == {"real", "real+cutout", "di", "real+di", "real+di+cutout", "real+di[knn+filter]",
+                                        "recon", "real+tokens"}
+    assert next(r for r in rows if r["arm"] == "real+di+cutout")["train_images"] == 40  # DI with an augmentation
     assert all(r["real_images"] == 20 for r in rows)  # 2 per class of 10 classes
     di = next(r for r in rows if r["arm"] == "di")
     assert di["train_images"] == 20  # one synthetic image per real one
