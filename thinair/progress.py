@@ -38,9 +38,16 @@ def duration(seconds: float) -> str:
     return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
 
 
+def _read(env: Mapping[str, str] | None) -> Mapping[str, str]:
+    """`env`, or the two variables this module reads from the environment (never the whole of it)."""
+    if env is not None:
+        return env
+    return {k: v for k in (ENV, DVC_STAGE_ENV) if (v := os.environ.get(k)) is not None}
+
+
 def mode(env: Mapping[str, str] | None = None) -> str:
     """``THINAIR_PROGRESS`` from `env` (default: the environment), validated: auto (when unset), bar, lines or off."""
-    env = os.environ if env is None else env
+    env = _read(env)
     value = env.get(ENV, "").strip().lower() or "auto"
     if value not in MODES:
         raise ValueError(f"{ENV}={env[ENV]!r} is not a progress mode: set it to auto (the default: a live bar on an "
@@ -59,7 +66,7 @@ def is_terminal(stream) -> bool:
 def bar_wanted(stream=None, env: Mapping[str, str] | None = None) -> bool:
     """Whether a live bar goes to `stream` (default stderr): only on a terminal; under ``dvc repro`` (``DVC_STAGE``
     in `env`) only with ``THINAIR_PROGRESS=bar``; never with lines or off."""
-    env = os.environ if env is None else env
+    env = _read(env)
     chosen = mode(env)
     if chosen in ("lines", "off") or not is_terminal(sys.stderr if stream is None else stream):
         return False
