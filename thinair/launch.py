@@ -24,7 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def prefect_api(params) -> str | None:
+def prefect_api(params=None) -> str | None:
     """Without a configured Prefect server: the url of the shared local server (started if none is up), also set for
     this command's worker processes. None when a server is configured, and when this command uses a temporary server
     of its own (``THINAIR_SHARED_SERVER=0``, or the shared one cannot start)."""
@@ -45,7 +45,7 @@ def prefect_api(params) -> str | None:
             os.environ["PREFECT_API_URL"] = url  # inherited by spawned workers
             os.environ[TEMPORARY_SERVER_ENV] = url  # no repossessor there either: they reclaim killed runs' slots
             return url
-    if params.base.task_runner != "thread":
+    if params is not None and params.base.task_runner != "thread":
         share_temporary_server()
     return None
 
