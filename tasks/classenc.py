@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from thinair import class_encoder as core
-from thinair import io, paths
+from thinair import io, paths, skips
 from thinair.class_encoder import ENCODER, FULL_UNET, LORA_UNET
 from thinair.config import Params
 from thinair.generator import generator_for, generator_identity, runtime_key
@@ -52,11 +52,8 @@ def train(params: Params, root: str | Path = ".", device=None, key: str = "") ->
     p, b = params.classenc, params.base
     out = paths.stage_dir(STAGE, root)
     out.mkdir(parents=True, exist_ok=True)
-    if params.sample.method != "class_encoder":
-        clean_dir(out, {io.MANIFEST})
-        manifest = {"trained": False, "reason": f"sample.method is {params.sample.method!r}, not 'class_encoder'"}
-        io.write_json(out / io.MANIFEST, manifest)
-        return manifest
+    if (manifest := skips.write_if_skipped(STAGE, params, root)) is not None:
+        return manifest  # another method: nothing to train
     key = key or unit_key(STAGE, params, units(params, root)[0], root)
     gen_model, device = generator_for(b, 0, device)
     latents, labels, n_classes = train_latents(params, root, gen_model.scaling_factor)

@@ -5,7 +5,7 @@ Reads ``data/ingest`` (train split) and the generator's VAE. Writes
 ``logvar`` of the diagonal Gaussian posterior, (n, 4, h, w) float32, so inversion re-samples a latent
 every step; ``labels`` and ``index`` (n,) int64), ``data/encode/fit.json`` (the generator-fit check, unless
 ``encode.fit_check: off``) and ``data/encode/manifest.json`` (written last). Units are the chunks, cached by content
-(thinair/units.py).
+(thinair/units.py), and so is the fit check's record.
 
 The fit check asks whether the generator can represent this dataset at all, before hours of inversion: its
 autoencoder reconstructs the real test images (at most ``FIT_IMAGES``, a seeded draw) and the domain classifier
@@ -30,8 +30,8 @@ from thinair.diffusion import check_resolution, encode_images, reconstruct
 from thinair.domain import accuracy, domain_classifier
 from thinair.errors import GeneratorMisfit
 from thinair.generator import generator_for, generator_identity, runtime_key
-from thinair.units import clean_dir
-from thinair.upstream import chunk_ranges, memoized, read_split
+from thinair.units import cached, clean_dir, code_key, content_key
+from thinair.upstream import chunk_ranges, inputs_digest, memoized, read_split
 
 STAGE = "encode"
 FIT = "fit.json"
@@ -105,6 +105,18 @@ def fit_check(params: Params, root: str | Path = ".") -> dict:
     return fit
 
 
+def cached_fit_check(params: Params, root: str | Path = ".") -> dict:
+    """:func:`fit_check`'s record, computed once per code, generator, images and params: a re-run of encode whose
+    chunks are all cached neither reloads the autoencoder's test reconstructions nor the classifier."""
+    b = params.base
+    key = content_key("fit", code_key(__name__), generator_identity(b), runtime_key(b), b.generator, b.seed,
+                      b.gen_resolution, params.encode.model_dump(mode="json"), params.metrics.feature_epochs,
+                      inputs_digest(root, "ingest"))
+    made = cached(STAGE, key, FIT, lambda tmp: io.write_json(tmp, fit_check(params, root)), root,
+                  "generator-fit check")
+    return io.read_json(made)
+
+
 def misfit_message(fit: dict, generator: str) -> str:
     return (f"the generator {generator!r} cannot represent this dataset ({fit['dataset']}): a classifier trained on "
             f"the real train images labels {100 * fit['accuracy_originals']:.1f} % of real test images right but only "
@@ -126,7 +138,7 @@ def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
     written = {c["file"] for c in chunks} | {io.MANIFEST}
     fit = None
     if params.encode.fit_check != "off":
-        fit = fit_check(params, root)
+        fit = cached_fit_check(params, root)
         io.write_json(out / FIT, fit)
         written.add(FIT)
         manifest["fit"] = {k: fit[k] for k in ("ok", "ratio", "accuracy_originals", "accuracy_reconstructions")}

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from thinair import io, paths
+from thinair import io, paths, skips
 from thinair import study as core
 from thinair.config import Params, parse_params
 from thinair.generator import generator_identity, runtime_key
 from thinair.presets import yaml_value
 from thinair.steering import method_inputs
 from thinair.training import cached_training
-from thinair.units import clean_dir, code_key, content_key, run_local, stage_code
+from thinair.units import code_key, content_key, run_local, stage_code
 from thinair.upstream import LabelledImages, inputs_digest, link_stages, read_split, read_synthetic
 
 STAGE = "search"
@@ -126,11 +126,8 @@ def search(params: Params, root: str | Path = ".", device=None) -> dict:
 
     s, out = params.search, paths.stage_dir(STAGE, root)
     out.mkdir(parents=True, exist_ok=True)
-    if s.trials == 0:
-        manifest = {"ran": False, "why": "search.trials is 0; run `dvc exp run -S search.trials=20` to search"}
-        clean_dir(out, {io.MANIFEST})
-        io.write_json(out / io.MANIFEST, manifest)
-        return manifest
+    if (manifest := skips.write_if_skipped(STAGE, params, root)) is not None:
+        return manifest  # search.trials is 0
     train = read_split("train", root)  # the TRAIN split only: trials are scored on a part of it
     split = core.validation_split(train.labels, s.validation_fraction, params.base.seed)
     key = study_key(params, root)

@@ -10,7 +10,11 @@ import torch
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the child processes tests start (CLI runs, kill tests): see below
+# One intra-op thread: the tests' tensors are tiny, so a second thread only adds synchronisation, and on shared cores
+# (CI, or a machine running anything else) a thread waiting for its partner makes each op many times slower
+# (a smallcnn step on 40 digits: 0.2 s with one thread, 1.3 s with two, under a load of 5 on 2 cores).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +51,13 @@ def tiny_generator(tmp_path_factory) -> Path:
 
 
 def tiny_params(generator: Path, **sections) -> dict:
-    """Raw params for a seconds-long run: 4 digits per class, 2 chunks, a few steps everywhere."""
+    """Raw params for a seconds-long run: 4 digits per class, 2 chunks, a few steps everywhere, one torch thread
+    per task (see above), and no generator-fit check in `encode` (its domain classifier trains for 200 steps; a
+    random generator never fits anyway; tests/test_fit_check.py runs it with the trained one)."""
     raw = {
-        "base": {"generator": str(generator), "chunk_size": 20, "gen_resolution": 16, "device": "cpu"},
+        "base": {"generator": str(generator), "chunk_size": 20, "gen_resolution": 16, "device": "cpu", "threads": 1},
         "ingest": {"per_class_limit": 4},
+        "encode": {"fit_check": "off"},
         "invert": {"steps": 4, "batch_size": 10, "checkpoint_every": 2, "num_tokens": 2},
         "sample": {"steps": 2, "samples_per_setting": 1, "batch_size": 16, "checkpoints": [2, "final"],
                    "scheduler": "ddim"},

@@ -36,7 +36,7 @@ def _params(dataset: str, **encode):
 
     raw = tiny_params(source_root() / EMBEDDED, base={"dataset": dataset, "chunk_size": 200},
                       ingest={"per_class_limit": 30, "test_fraction": 0.3}, metrics={"feature_epochs": 20},
-                      encode=encode)
+                      encode={"fit_check": "warn", **encode})  # (tiny_params turns it off)
     return parse_params(raw)
 
 

@@ -85,6 +85,7 @@ def _export_arguments(sub) -> None:
                     "files to this Hugging Face dataset repo (needs network and a token; never done otherwise)")
 
 
+SKIPPABLE = ("classenc", "search")  # stages that may have nothing to do (thinair/skips.py)
 # Stages whose outputs end in `metrics`: each checks the metric features are available before it starts.
 EVALUATED_BY_METRICS = ("check", "ingest", "encode", "invert", "sample", "metrics")
 
@@ -137,25 +138,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thinair export: {', '.join(_export_flags(args))} need an OUT folder; the `export` stage (no OUT) takes "
               "its options from params.yaml's export section (e.g. -S export.where='[checkpoint=-1]')", file=sys.stderr)
         return EXIT_PARAMS
-    from thinair import redact
-    from thinair.orchestration import configure, task_runner
+    from thinair import launch, redact
+    from thinair.orchestration import configure
     from thinair.workspace import exclusive
 
+    if args.command in SKIPPABLE:
+        from thinair import skips
+
+        if skips.skipped(args.command, params) is not None:
+            return _skip(args, params)
     configure()
     logging.basicConfig(level=os.environ.get("THINAIR_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     redact.install()  # mask tokens and passwords in every log line (third-party DEBUG logs print auth headers)
-    if params.base.task_runner != "thread":
-        _share_temporary_server()
-    module = importlib.import_module(f"thinair.flows.{args.command}")
-    redact.install()  # again, now that Prefect's console and API handlers exist
-    t0 = time.time()
     try:
-        flow = getattr(module, f"{args.command}_flow").with_options(task_runner=task_runner(
-            params.base.workers, params.base.task_runner, params.base.cluster_address))
         parent = os.environ.get("THINAIR_PIPELINE_RUN")
         with contextlib.ExitStack() as stack:
             stack.enter_context(exclusive(args.root, args.command))  # one run per workspace at a time
+            runner = launch.task_runner_for(args.command, params, args.root)
+            api_url = launch.prefect_api(params)  # the shared local server, unless one is configured
+            if api_url:
+                stack.enter_context(launch.api_url_everywhere(api_url))
+            module = importlib.import_module(f"thinair.flows.{args.command}")
+            redact.install()  # again, now that Prefect's console and API handlers exist
+            t0 = time.time()
+            flow = getattr(module, f"{args.command}_flow").with_options(task_runner=runner)
             if parent:  # run by the `pipeline` flow: tag this stage's run so the UI shows which pipeline run made it
                 from prefect import tags
 
@@ -196,19 +203,21 @@ def _export(args, params) -> int:
     return 0
 
 
-def _share_temporary_server() -> None:
-    """Without a configured server, start Prefect's temporary one now and point worker processes at it: each
-    spawned worker would otherwise start a server of its own (seconds each, and a second view of the run)."""
-    from prefect.settings import get_current_settings
+def _skip(args, params) -> int:
+    """A stage with nothing to do (thinair/skips.py): write its manifest, without Prefect or a model."""
+    from thinair import skips
+    from thinair.workspace import exclusive
 
-    if get_current_settings().api.url:
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the instance this process's own flow run uses too (stopped at exit)
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
-    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by spawned workers
-    os.environ["THINAIR_TEMPORARY_API_URL"] = server.api_url  # so they still reclaim killed runs' device slots
+    t0 = time.time()
+    try:
+        with exclusive(args.root, args.command):
+            manifest = skips.write_if_skipped(args.command, params, args.root)
+    except _known_errors() as err:
+        print(f"thinair {args.command}: failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"thinair {args.command}: done in {time.time() - t0:.1f}s (nothing to do; Prefect not started)")
+    print(manifest)
+    return 0
 
 
 def _preset(args) -> int:

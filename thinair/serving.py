@@ -9,6 +9,7 @@ Writes nothing itself; the flows write what ``dvc repro`` would (see flows/pipel
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -77,21 +78,14 @@ def main(args) -> int:
     redact.install()  # mask tokens and passwords in every log line
     if args.command == "serve":
         return _serve(args)
+    from thinair import launch
     from thinair.flows.pipeline import pipeline_flow, regenerate_flow
 
     try:
-        if args.command == "pipeline":
-            overrides = {}
-            for item in args.set:
-                if "=" not in item:
-                    raise ParamsError(f"-S {item!r}: expected SECTION.KEY=VALUE")
-                k, v = item.split("=", 1)
-                import yaml
-
-                overrides[k] = yaml.safe_load(v)
-            result = pipeline_flow(overrides=overrides, push=args.push, force=args.force, root=args.root)
-        else:
-            result = regenerate_flow(push=not args.no_push, root=args.root)
+        url = launch.prefect_api()  # the shared local server (its stage commands inherit it), unless one is configured
+        stack = launch.api_url_everywhere(url) if url else contextlib.nullcontext()
+        with stack:
+            result = _run_pipeline(args, pipeline_flow, regenerate_flow)
     except ParamsError as err:
         print(f"thinair {args.command}: invalid parameters\n{err}", file=sys.stderr)
         return EXIT_PARAMS
@@ -100,3 +94,18 @@ def main(args) -> int:
         return EXIT_FAILED
     print(json.dumps(result))
     return 0
+
+
+def _run_pipeline(args, pipeline_flow, regenerate_flow) -> dict:
+    """`thinair pipeline` (with its -S overrides) or `thinair regenerate`, once, here."""
+    if args.command == "pipeline":
+        import yaml
+
+        overrides = {}
+        for item in args.set:
+            if "=" not in item:
+                raise ParamsError(f"-S {item!r}: expected SECTION.KEY=VALUE")
+            k, v = item.split("=", 1)
+            overrides[k] = yaml.safe_load(v)
+        return pipeline_flow(overrides=overrides, push=args.push, force=args.force, root=args.root)
+    return regenerate_flow(push=not args.no_push, root=args.root)
