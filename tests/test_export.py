@@ -253,7 +253,7 @@ def test_card(project, tmp_path):
     assert "| class | synthetic | real |" in text and "| 3 | 8 | 4 |" in text  # digits: the name is the label
     assert "guidance_scales:" in text and "Method `inversion`" in text
     assert "1.811" in text and "floor: real test vs real train" in text and "trained on" in text
-    assert "passed" in text or "FAILED" in text
+    assert "Not run (no data/encode/fit.json" in text  # tiny_params turn the fit check off (test_fit_section below)
     assert "thinair export --format hf --where 'guidance>=2' --real" in text and "dvc repro" in text
     assert "git checkout <the revision" in text  # the tiny project is no git checkout
     assert licence("CompVis/stable-diffusion-v1-4")[0] == "creativeml-openrail-m"
@@ -401,3 +401,18 @@ def test_export_stage_runs_as_a_cached_flow(prefect_server, project, capsys):
     assert _task_states(export_flow(params=stage_params(project, format="imagefolder", limit=9), root=str(root),
                                     return_state=True)) == {"export-all": "Completed"}
     assert len(list((root / "data" / "export").rglob("*.png"))) == 9
+
+
+def test_fit_section_reports_the_check(tmp_path):
+    from thinair import io
+    from thinair.card import fit_section
+
+    fit = {"ok": False, "accuracy_originals": 0.9, "accuracy_reconstructions": 0.45, "images": 100, "ratio": 0.5,
+           "min_ratio": 0.9, "psnr_db": 7.9, "message": "the generator cannot represent this dataset"}
+    d = tmp_path / "data" / "encode"
+    d.mkdir(parents=True)
+    io.write_json(d / "fit.json", fit)
+    text = fit_section(tmp_path)
+    assert text.startswith("**FAILED**: a classifier") and "45.0 %" in text and "cannot represent" in text
+    io.write_json(d / "fit.json", fit | {"ok": True, "ratio": 0.95, "message": None})
+    assert fit_section(tmp_path).startswith("passed: ") and "ratio 0.95" in fit_section(tmp_path)
