@@ -76,6 +76,31 @@ def params(tiny_generator):
     return parse_params(tiny_params(tiny_generator))
 
 
+UPSTREAM = ("ingest", "encode", "invert", "sample")
+
+
+@pytest.fixture(scope="session")
+def _sampled_once(tiny_generator, tmp_path_factory) -> Path:
+    """ingest, encode, invert and sample of `tiny_params` (the stage functions, no Prefect), run once per session."""
+    from tests.stages import run_all
+    from thinair.config import parse_params
+
+    root = tmp_path_factory.mktemp("sampled") / "ws"
+    run_all(parse_params(tiny_params(tiny_generator)), root, UPSTREAM)
+    return root
+
+
+@pytest.fixture
+def sampled(_sampled_once, tmp_path) -> Path:
+    """`tmp_path` holding a copy of data/ after ingest, encode, invert and sample of `tiny_params` (the same bytes
+    ``run_all(params, tmp_path, UPSTREAM)`` writes, without its caches: what runs next computes from scratch). For
+    tests whose params differ from tiny_params only in the sections of later stages (metrics, cas, report)."""
+    import shutil
+
+    shutil.copytree(_sampled_once / "data", tmp_path / "data")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """One temporary Prefect server (and PREFECT_HOME) for every test that runs flows."""

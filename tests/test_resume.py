@@ -48,11 +48,13 @@ def _digests(d: Path) -> dict:
     return {str(f.relative_to(d)): io.file_sha256(f) for f in sorted(d.rglob("*")) if f.is_file()}
 
 
-@pytest.fixture
-def reference(tiny_generator, tmp_path):
+@pytest.fixture(scope="module")
+def reference(tiny_generator, tmp_path_factory):
+    """The uninterrupted run both kill tests compare against (read only: computed once)."""
     raw = _raw(tiny_generator)
-    run_all(parse_params(raw), tmp_path / "ref", ("ingest", "encode", "invert", "sample"))
-    return raw, tmp_path / "ref" / "data"
+    ref = tmp_path_factory.mktemp("resume") / "ref"
+    run_all(parse_params(raw), ref, ("ingest", "encode", "invert", "sample"))
+    return raw, ref / "data"
 
 
 def test_kill_during_invert_then_resume(reference, tmp_path):
