@@ -51,9 +51,10 @@ def tiny_generator(tmp_path_factory) -> Path:
 
 
 def tiny_params(generator: Path, **sections) -> dict:
-    """Raw params for a seconds-long run: 4 digits per class, 2 chunks, a few steps everywhere, one torch thread
-    per task (see above), and no generator-fit check in `encode` (its domain classifier trains for 200 steps; a
-    random generator never fits anyway; tests/test_fit_check.py runs it with the trained one)."""
+    """Raw params for a seconds-long run: 4 digits per class, 2 chunks, a few steps everywhere, one CAS seed and one
+    point per scaling study (the full-size one; tests/test_cas.py sets its own), one torch thread per task (see above), and no
+    generator-fit check in `encode` (its domain classifier trains for 200 steps; a random generator never fits
+    anyway; tests/test_fit_check.py runs it with the trained one)."""
     raw = {
         "base": {"generator": str(generator), "chunk_size": 20, "gen_resolution": 16, "device": "cpu", "threads": 1},
         "ingest": {"per_class_limit": 4},
@@ -62,7 +63,7 @@ def tiny_params(generator: Path, **sections) -> dict:
         "sample": {"steps": 2, "samples_per_setting": 1, "batch_size": 16, "checkpoints": [2, "final"],
                    "scheduler": "ddim"},
         "metrics": {"feature_epochs": 1, "features": "domain"},
-        "cas": {"epochs": 1, "model": "smallcnn"},
+        "cas": {"epochs": 1, "model": "smallcnn", "seeds": 1, "scale_synthetic": [1], "scale_real": [1.0]},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
