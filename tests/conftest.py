@@ -11,6 +11,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the child processes tests start (CLI runs, kill tests): see below
+# the shared Prefect server a test's `thinair` commands start in its own PREFECT_HOME outlives the test this long
+os.environ.setdefault("THINAIR_SERVER_IDLE_SECONDS", "20")
 # One intra-op thread: the tests' tensors are tiny, so a second thread only adds synchronisation, and on shared cores
 # (CI, or a machine running anything else) a thread waiting for its partner makes each op many times slower
 # (a smallcnn step on 40 digits: 0.2 s with one thread, 1.3 s with two, under a load of 5 on 2 cores).
@@ -52,9 +54,9 @@ def tiny_generator(tmp_path_factory) -> Path:
 
 def tiny_params(generator: Path, **sections) -> dict:
     """Raw params for a seconds-long run: 4 digits per class, 2 chunks, a few steps everywhere, one CAS seed and one
-    point per scaling study (the full-size one; tests/test_cas.py sets its own), one torch thread per task (see above), and no
-    generator-fit check in `encode` (its domain classifier trains for 200 steps; a random generator never fits
-    anyway; tests/test_fit_check.py runs it with the trained one)."""
+    point per scaling study (the full-size one; tests/test_cas.py sets its own), one torch thread per task (see
+    above), and no generator-fit check in `encode` (its domain classifier trains for 200 steps; a random generator
+    never fits anyway; tests/test_fit_check.py runs it with the trained one)."""
     raw = {
         "base": {"generator": str(generator), "chunk_size": 20, "gen_resolution": 16, "device": "cpu", "threads": 1},
         "ingest": {"per_class_limit": 4},

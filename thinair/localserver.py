@@ -116,7 +116,7 @@ def _launch(d: Path, env: dict[str, str], timeout: float) -> tuple[str, int] | N
     url = f"http://127.0.0.1:{port}/api"
     with open(d / "server.log", "ab") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "thinair.localserver", str(d), str(port)],
-                                env={**os.environ, **env, **SERVER_ENV}, stdin=subprocess.DEVNULL, stdout=logf,
+                                env=dict(os.environ, **env, **SERVER_ENV), stdin=subprocess.DEVNULL, stdout=logf,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # outlives this command's group
     deadline = time.monotonic() + timeout
     while not healthy(url, timeout=1.0):
