@@ -7,8 +7,8 @@ Run by hand in a workspace where `dvc repro` has produced ``data/ingest`` and ``
     python benchmarks/soak.py --images 2000 --out /tmp/soak.json
     python benchmarks/soak.py --workspace PATH --params PATH/params.yaml --images 100   # any prepared workspace
 
-It runs ``thinair sample`` as a subprocess (the Prefect flow, its temporary API server and the task runner's
-worker processes: the real process tree; its own Prefect home and temporary server, even where
+It runs ``thinair sample`` as a subprocess (the Prefect flow, the local API server it starts and the task runner's
+worker processes: the real process tree; its own Prefect home and server, even where
 ``PREFECT_API_URL`` names another) in a scratch workspace ``.thinair/soak/`` linked to the main
 workspace's ingest and invert outputs (or in ``--workspace``, used as it is), with
 ``sample.samples_per_setting = ceil(--images / (train embeddings x checkpoints x guidance scales))``. The
@@ -252,7 +252,8 @@ def run_sample(ws: Path, params_path: str, sets: list[str], cwd: Path, interval:
     for s in sets:
         cmd += ["-S", s]
     cmd.append("sample")
-    # Its own Prefect home and temporary API server (part of the measured tree), whatever server this shell names.
+    # Its own Prefect home, so the local API server it starts (thinair/localserver.py; its child while it runs) is
+    # part of the measured tree, whatever server this shell names.
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(ws / ".thinair" / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1")

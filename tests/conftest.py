@@ -11,6 +11,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the child processes tests start (CLI runs, kill tests): see below
+# the shared Prefect server a test's `thinair` commands start in its own PREFECT_HOME outlives the test this long
+os.environ.setdefault("THINAIR_SERVER_IDLE_SECONDS", "20")
 # One intra-op thread: the tests' tensors are tiny, so a second thread only adds synchronisation, and on shared cores
 # (CI, or a machine running anything else) a thread waiting for its partner makes each op many times slower
 # (a smallcnn step on 40 digits: 0.2 s with one thread, 1.3 s with two, under a load of 5 on 2 cores).
@@ -51,9 +53,10 @@ def tiny_generator(tmp_path_factory) -> Path:
 
 
 def tiny_params(generator: Path, **sections) -> dict:
-    """Raw params for a seconds-long run: 4 digits per class, 2 chunks, a few steps everywhere, one torch thread
-    per task (see above), and no generator-fit check in `encode` (its domain classifier trains for 200 steps; a
-    random generator never fits anyway; tests/test_fit_check.py runs it with the trained one)."""
+    """Raw params for a seconds-long run: 4 digits per class, 2 chunks, a few steps everywhere, one CAS seed and one
+    point per scaling study (the full-size one; tests/test_cas.py sets its own), one torch thread per task (see
+    above), and no generator-fit check in `encode` (its domain classifier trains for 200 steps; a random generator
+    never fits anyway; tests/test_fit_check.py runs it with the trained one)."""
     raw = {
         "base": {"generator": str(generator), "chunk_size": 20, "gen_resolution": 16, "device": "cpu", "threads": 1},
         "ingest": {"per_class_limit": 4},
@@ -62,7 +65,7 @@ def tiny_params(generator: Path, **sections) -> dict:
         "sample": {"steps": 2, "samples_per_setting": 1, "batch_size": 16, "checkpoints": [2, "final"],
                    "scheduler": "ddim"},
         "metrics": {"feature_epochs": 1, "features": "domain"},
-        "cas": {"epochs": 1, "model": "smallcnn"},
+        "cas": {"epochs": 1, "model": "smallcnn", "seeds": 1, "scale_synthetic": [1], "scale_real": [1.0]},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
@@ -74,6 +77,31 @@ def params(tiny_generator):
     from thinair.config import parse_params
 
     return parse_params(tiny_params(tiny_generator))
+
+
+UPSTREAM = ("ingest", "encode", "invert", "sample")
+
+
+@pytest.fixture(scope="session")
+def _sampled_once(tiny_generator, tmp_path_factory) -> Path:
+    """ingest, encode, invert and sample of `tiny_params` (the stage functions, no Prefect), run once per session."""
+    from tests.stages import run_all
+    from thinair.config import parse_params
+
+    root = tmp_path_factory.mktemp("sampled") / "ws"
+    run_all(parse_params(tiny_params(tiny_generator)), root, UPSTREAM)
+    return root
+
+
+@pytest.fixture
+def sampled(_sampled_once, tmp_path) -> Path:
+    """`tmp_path` holding a copy of data/ after ingest, encode, invert and sample of `tiny_params` (the same bytes
+    ``run_all(params, tmp_path, UPSTREAM)`` writes, without its caches: what runs next computes from scratch). For
+    tests whose params differ from tiny_params only in the sections of later stages (metrics, cas, report)."""
+    import shutil
+
+    shutil.copytree(_sampled_once / "data", tmp_path / "data")
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def test_scaling_study_reaches_all_45_variants(tiny_generator):
     assert set(syn.checkpoint[first]) == {1} and set(syn.guidance[first]) == {2.0}
 
 
-def test_real_fractions_train_every_ratio_and_report_the_best(tiny_generator, tmp_path):
+def test_real_fractions_train_every_ratio_and_report_the_best(tiny_generator, sampled):
     """The paper's protocol: real+synthetic once per real share (named by its ratio), the best flagged as chosen on
     test; each ratio's batches really mix at its share."""
     params = parse_params(tiny_params(tiny_generator, cas={
@@ -78,8 +78,8 @@ def test_real_fractions_train_every_ratio_and_report_the_best(tiny_generator, tm
     shares = {m: [s for _, _, s in cas_stage.mode_sources(params, m, real, real)] for m in ("real+synthetic@1:7",
                                                                                           "real+synthetic@3:1")}
     assert shares == {"real+synthetic@1:7": [0.125, 0.875], "real+synthetic@3:1": [0.75, 0.25]}
-    run_all(params, tmp_path, ("ingest", "encode", "invert", "sample", "cas"))
-    metric = io.read_json(tmp_path / "data" / "cas" / "cas.json")
+    run_stage("cas", params, sampled)
+    metric = io.read_json(sampled / "data" / "cas" / "cas.json")
     acc = metric["accuracy"]
     assert set(acc) == {"real", "real+synthetic@1:7", "real+synthetic@3:1", "real+synthetic"}
     best = max(["real+synthetic@1:7", "real+synthetic@3:1"], key=lambda m: acc[m]["mean"])
@@ -87,7 +87,7 @@ def test_real_fractions_train_every_ratio_and_report_the_best(tiny_generator, tm
                                                  "real+synthetic@3:1": 0.75}[best], "chosen_on": "test"}
     assert metric["real+synthetic_best"]["ratios"] == {"real+synthetic@1:7": 0.125, "real+synthetic@3:1": 0.75}
     assert set(metric["reconstructed_accuracy"]) == set(acc)
-    names = [r["mode"] for r in cas_stage.tables(tmp_path)["cas"][1]]
+    names = [r["mode"] for r in cas_stage.tables(sampled)["cas"][1]]
     assert f"real+synthetic (best: {best}, chosen on test)" in names
 
 
@@ -111,10 +111,10 @@ def test_real_subset_is_stratified_and_seeded():
     assert len(cas_stage.real_subset(labels, 0.001, seed=0)) == 4  # at least one per class
 
 
-def test_seeds_scaling_and_cache(tiny_generator, tmp_path, caplog):
+def test_seeds_scaling_and_cache(tiny_generator, sampled, caplog):
+    tmp_path = sampled  # ingest ... sample done
     params = parse_params(tiny_params(tiny_generator, cas={"seeds": 2, "scale_synthetic": [1, 2],
                                                            "scale_real": [0.5, 1.0]}))
-    run_all(params, tmp_path, ("ingest", "encode", "invert", "sample"))
     out = run_stage("cas", params, tmp_path)
     acc = out["accuracy"]
     assert set(acc) == {"real", "synthetic", "real+synthetic"}
@@ -135,10 +135,10 @@ def test_seeds_scaling_and_cache(tiny_generator, tmp_path, caplog):
     assert "epoch" not in caplog.text and caplog.text.count("reused from cache") == len(details)
 
 
-def test_killed_training_resumes_to_the_same_result(tiny_generator, tmp_path, monkeypatch, caplog):
+def test_killed_training_resumes_to_the_same_result(tiny_generator, sampled, monkeypatch, caplog):
+    tmp_path = sampled  # ingest ... sample done
     params = parse_params(tiny_params(tiny_generator, cas={"seeds": 1, "epochs": 3, "modes": ["real"],
                                                            "scale_synthetic": [], "scale_real": []}))
-    run_all(params, tmp_path, ("ingest", "encode", "invert", "sample"))
     clean = run_stage("cas", params, tmp_path)
     for d in (tmp_path / ".thinair" / "cache" / "cas").iterdir():
         import shutil

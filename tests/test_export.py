@@ -31,7 +31,8 @@ def project(tiny_generator, tmp_path_factory):
     """A tiny project: 40 real digits, 160 synthetic images (2 checkpoints x 2 guidance scales), its params file,
     and the embedded default's metrics.json / cas.json (so the card has every section)."""
     root = tmp_path_factory.mktemp("export-project")
-    raw = tiny_params(tiny_generator, sample={"guidance_scales": [1.5, 3.0]})
+    raw = tiny_params(tiny_generator, sample={"guidance_scales": [1.5, 3.0]},
+                      encode={"fit_check": "warn"})  # fit.json: the card's generator-fit section
     params = parse_params(raw)
     run_all(params, root, ("ingest", "encode", "invert", "sample"))
     for stage, name in (("metrics", "metrics.json"), ("cas", "cas.json")):

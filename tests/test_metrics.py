@@ -5,16 +5,15 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_params
-from tests.stages import run_all, run_stage
+from tests.stages import run_stage
 from thinair import io
 from thinair.config import ParamsError, parse_params
 from thinair.quality import METRIC_KEYS
 
 
-def test_metrics_json_has_kid_floor_and_per_class(params, tmp_path):
-    run_all(params, tmp_path, ("ingest", "encode", "invert", "sample"))
-    out = run_stage("metrics", params, tmp_path)
-    on_disk = io.read_json(tmp_path / "data" / "metrics" / "metrics.json")
+def test_metrics_json_has_kid_floor_and_per_class(params, sampled):
+    out = run_stage("metrics", params, sampled)
+    on_disk = io.read_json(sampled / "data" / "metrics" / "metrics.json")
     assert on_disk == out
     for name in ("synthetic_vs_train", "test_vs_train"):
         assert set(METRIC_KEYS) <= set(out[name])

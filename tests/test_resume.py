@@ -20,9 +20,9 @@ from tests.stages import run_all
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _raw(tiny_generator):
+def _raw(tiny_generator, invert_steps: int = 400):
     # slow enough per chunk (hundreds of steps) that a kill lands mid-chunk
-    return tiny_params(tiny_generator, invert={"steps": 400, "checkpoint_every": 50, "batch_size": 20},
+    return tiny_params(tiny_generator, invert={"steps": invert_steps, "checkpoint_every": 50, "batch_size": 20},
                        sample={"steps": 20, "checkpoints": ["final"], "samples_per_setting": 3})
 
 
@@ -48,15 +48,16 @@ def _digests(d: Path) -> dict:
     return {str(f.relative_to(d)): io.file_sha256(f) for f in sorted(d.rglob("*")) if f.is_file()}
 
 
-@pytest.fixture
-def reference(tiny_generator, tmp_path):
+def _reference(raw: dict, root: Path) -> Path:
+    """The uninterrupted run a killed one must equal: its data/."""
+    run_all(parse_params(raw), root, ("ingest", "encode", "invert", "sample"))
+    return root / "data"
+
+
+@pytest.mark.slow  # the default suite kills invert anywhere: tests/reliability/test_kill_anywhere.py::test_kill_invert_anywhere
+def test_kill_during_invert_then_resume(tiny_generator, tmp_path):
     raw = _raw(tiny_generator)
-    run_all(parse_params(raw), tmp_path / "ref", ("ingest", "encode", "invert", "sample"))
-    return raw, tmp_path / "ref" / "data"
-
-
-def test_kill_during_invert_then_resume(reference, tmp_path):
-    raw, ref = reference
+    ref = _reference(raw, tmp_path / "ref")
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump(raw))
     root = tmp_path / "run"
@@ -73,8 +74,9 @@ def test_kill_during_invert_then_resume(reference, tmp_path):
     assert _digests(root / "data") == _digests(ref)
 
 
-def test_kill_during_sample_then_resume(reference, tmp_path):
-    raw, ref = reference
+def test_kill_during_sample_then_resume(tiny_generator, tmp_path):
+    raw = _raw(tiny_generator, invert_steps=4)  # only sample must last long enough to be killed mid-way
+    ref = _reference(raw, tmp_path / "ref")
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump(raw))
     root = tmp_path / "run"

@@ -73,7 +73,7 @@ def test_soak_runs_the_sample_stage_and_its_check_catches_miscounts(tiny_generat
     assert (r["samples_per_setting"], r["images"], r["shards"]) == (2, 160, 2)  # ceil(100 / (40 x 2)) = 2
     assert r["manifest_total"] == r["provenance_rows"] == 160 and r["accounting"] == {"ok": True, "problems": []}
     assert r["peak_rss_mb"] > 100 and r["timeline"] and r["images_per_s"] > 0
-    assert r["peak_processes"] >= 2  # `thinair sample` and its temporary Prefect server (thread runner here)
+    assert r["peak_processes"] >= 2  # `thinair sample` and the Prefect server it starts (thread runner here)
 
     def damaged(name: str, damage) -> list[str]:
         copy = tmp_path / name
