@@ -28,6 +28,7 @@ from thinair.config import Params, real_ratio
 from thinair.devices import current_device
 from thinair.diffusion import reconstruct
 from thinair.generator import generator_for, runtime_key
+from thinair.tasks.sample import stream
 from thinair.training import train_and_test, training_parts
 from thinair.units import Checkpoint, cached, code_key, content_key
 from thinair.upstream import LabelledImages, Synthetic, memoized, read_split, read_synthetic, variant_rank
@@ -80,12 +81,20 @@ def run_seeds(params: Params, mode: str) -> list[int]:
     return [io.seed_for(params.base.seed, STAGE, mode.partition("@")[0], i) for i in range(params.cas.seeds)]
 
 
-def mode_sources(params: Params, mode: str, real: LabelledImages, syn: Synthetic | None) -> list:
+def mode_sources(params: Params, mode: str, real: LabelledImages, syn: Synthetic | None, seed: int = 0,
+                 root: str | Path = ".") -> list:
+    """[(images, labels, batch share)] of a mode; with cas.synthetic on_the_fly the synthetic images are a stream
+    of fresh variants seeded by the training's `seed` (tasks/sample.py ``stream``) in place of data/sample's."""
     share = real_share(params, mode) if mode.startswith(MIXED) else 1.0
+
+    def synthetic(s: float) -> tuple:
+        if params.cas.synthetic == "on_the_fly":
+            return stream(params, seed, root, current_device(params.base)), None, s
+        return syn.images, syn.labels, s
+
     return {"real": lambda: [(real.images, real.labels, 1.0)],
-            "synthetic": lambda: [(syn.images, syn.labels, 1.0)],
-            MIXED: lambda: [(real.images, real.labels, share),
-                            (syn.images, syn.labels, 1 - share)]}[mode.partition("@")[0]]()
+            "synthetic": lambda: [synthetic(1.0)],
+            MIXED: lambda: [(real.images, real.labels, share), synthetic(1 - share)]}[mode.partition("@")[0]]()
 
 
 def scaling_runs(params: Params, real: LabelledImages, syn: Synthetic) -> list[dict]:
@@ -130,13 +139,15 @@ def units(params: Params, root: str | Path = ".") -> list[dict]:
 def _training(params: Params, unit: dict, root: str | Path) -> tuple[str, int, list, dict, int]:
     """(tag, seed, sources, tests, classes) of one unit's training."""
     job = unit["job"]
-    real, test, syn = _inputs(root, job["kind"] == "scaling" or job["mode"] != "real")
+    real, test, syn = _inputs(root, job["kind"] == "scaling" or (job["mode"] != "real"
+                                                                  and params.cas.synthetic == "pregenerated"))
     n_classes = len(real.class_names)
     if job["kind"] == "mode":
         tests = {"test": test}
         if params.cas.reconstructed_test:
             tests["reconstructed"] = _reconstructed_cached(params, test, root)
-        return job["mode"], job["seed"], mode_sources(params, job["mode"], real, syn), tests, n_classes
+        return job["mode"], job["seed"], mode_sources(params, job["mode"], real, syn, job["seed"], root), tests, \
+            n_classes
     run = scaling_runs(params, real, syn)[job["index"]]
     data = syn if run["mode"] == "synthetic" else real
     sources = [(data.images[run["rows"]], data.labels[run["rows"]], 1.0)]  # only this run's images are copied

@@ -49,6 +49,7 @@ from torch import nn
 from thinair.augment import (  # noqa: F401 - re-exported: the augmentations belong to the training API
     _MIXES, AUGMENTS, apply_policy, check_augment, crop_flip, cutout, make_policy, mix, soft_targets,
 )
+from thinair.stream import is_stream
 
 SMALL = 64  # images up to this side: the reference's CIFAR / MedMNIST stems (28, 32 px)
 MEDIUM = 128  # up to this side: its STL-10 stems (96 px); larger: its ImageNette stems (256 px)
@@ -324,14 +325,30 @@ def _restore(state: dict, plan: dict, model, opt, sched, gen, device) -> int:
     return state["epoch"]
 
 
-def _batch(sources, per_batch: list[int], perms: list[torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch `step` of an epoch: the next `per_batch[i]` images of each source in its order `perms[i]`."""
+def _batch(sources, per_batch: list[int], perms: list, step: int, feeds: dict | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` of an epoch: the next `per_batch[i]` images of each source in its order `perms[i]`, or the next
+    batch of its feed (``feeds[i]``, an iterator over a stream source's DataLoader)."""
     xs, ys = [], []
-    for (x, y, _), k, perm in zip(sources, per_batch, perms):
+    for i, ((x, y, _), k, perm) in enumerate(zip(sources, per_batch, perms)):
+        if feeds and i in feeds:
+            xb, yb = next(feeds[i])
+            xs.append(xb)
+            ys.append(yb)
+            continue
         idx = perm[(torch.arange(k) + step * k) % len(x)]
         xs.append(x[idx])
         ys.append(y[idx])
     return torch.cat(xs), torch.cat(ys)  # (B, C, H, W), (B,)
+
+
+def _feeds(sources, per_batch: list[int], first_step: int) -> dict:
+    """{source index: iterator of batches} for the stream sources (thinair/stream.py), from optimiser step
+    `first_step` on, each through a ``DataLoader`` (``batch_size=None``: the stream yields whole batches)."""
+    from torch.utils.data import DataLoader
+
+    return {i: iter(DataLoader(x.at(k, first_step), batch_size=None))
+            for i, ((x, _, _), k) in enumerate(zip(sources, per_batch)) if is_stream(x)}
 
 
 def _loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, augment: tuple[str, ...], policy, mixes: list[str],
@@ -370,7 +387,10 @@ def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, floa
 
     Args:
         model: from `build`; trained in place on `device`.
-        sources: (x (N, C, H, W) float, y (N,) int64, share of each batch).
+        sources: (x (N, C, H, W) float, y (N,) int64, share of each batch); or (a
+            :class:`thinair.stream.SyntheticStream`, None, share): fresh images every step, read through a
+            ``DataLoader``; its ``len`` sets the epoch length as a set of that size would, and step t of the run
+            reads the stream's step t, so a resumed run sees the images an uninterrupted one does.
         epochs: total epochs, also when resuming; ignored when `steps` is given.
         warmup_epochs: warm-up length in epochs (with `epochs`).
         steps: total optimiser steps, also when resuming; None trains `epochs` epochs.
@@ -402,10 +422,11 @@ def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, floa
     start = 0 if resume is None else _restore(resume, plan, model, opt, sched, gen, device)
     wants_state = on_epoch is not None and _takes_state(on_epoch)
     per_epoch = plan["steps_per_epoch"]
+    feeds = _feeds(sources, plan["per_batch"], start * per_epoch)
     for epoch in range(start, plan["epochs"]):
-        perms = [torch.randperm(len(x), generator=gen) for x, _, _ in sources]
+        perms = [None if is_stream(x) else torch.randperm(len(x), generator=gen) for x, _, _ in sources]
         for step in range(min(per_epoch, plan["total_steps"] - epoch * per_epoch)):
-            xb, yb = _batch(sources, plan["per_batch"], perms, step)
+            xb, yb = _batch(sources, plan["per_batch"], perms, step, feeds)
             loss = _loss(model, crop_flip(xb, padding, flip, gen), yb, augment, policy, mixes, gen, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()

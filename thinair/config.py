@@ -357,6 +357,13 @@ class Cas(_Section):
                        "mean +- std.")
     reconstructed_test: bool = Field(False, description="Also test on VAE-reconstructed test images (encode + "
                                      "decode by the generator's VAE): how much the autoencoder alone costs.")
+    synthetic: Literal["pregenerated", "on_the_fly"] = Field(
+        "pregenerated", description="Where the synthetic and real+synthetic modes' synthetic images come from: "
+        "pregenerated = data/sample (paper: a fixed-size set made once); on_the_fly = fresh variants drawn per "
+        "optimiser step with the sample section's settings (inversion only), never repeated, through a "
+        "DataLoader-compatible stream (thinair/stream.py) on the same device; an epoch stands for the set sample "
+        "would write. Costs one sampling per synthetic image trained on (issue 17: measured in the README). The "
+        "scaling studies stay on data/sample.")
     scale_synthetic: list[int] = Field([1, 2, 3, 4, 5], description="Scaling study: synthetic-only CAS using the "
                                        "first this many variants of every embedding (at most all sampled; the "
                                        "paper's 45 = 3 checkpoints x 3 guidance x 5), taken sample by sample across "
@@ -478,6 +485,16 @@ class Params(_Section):
                     f"sample.checkpoints: step {c} is not saved by invert (saved every "
                     f"{self.invert.checkpoint_every} per-embedding steps up to {self.invert.steps}); use a multiple of "
                     "invert.checkpoint_every or 'final'")
+        if self.cas.synthetic == "on_the_fly":
+            s = self.sample
+            bad = [f"{k}={v!r}" for k, v, ok in (
+                ("sample.method", s.method, "inversion"), ("sample.filter_min_confidence", s.filter_min_confidence, None),
+                ("sample.allocation", s.allocation, "uniform"), ("sample.start", s.start, "noise")) if v != ok]
+            if bad:
+                raise ValueError(f"cas.synthetic=on_the_fly draws Diffusion Inversion variants one batch at a time, "
+                                 f"which {', '.join(bad)} cannot (they need the whole set or other inputs); set "
+                                 "sample.method=inversion, filter_min_confidence=null, allocation=uniform, "
+                                 "start=noise, or use cas.synthetic=pregenerated")
         from thinair.study import check_space
 
         try:

@@ -18,6 +18,7 @@ import torch
 
 from thinair import classifier, io
 from thinair.devices import current_device
+from thinair.stream import is_stream
 from thinair.units import Checkpoint, cached, code_key, content_key
 
 # The fields of `cas` that change a training's result (seeds/modes/scaling lists only choose which to run).
@@ -31,8 +32,14 @@ _TRAIN_LOCK = threading.Lock()  # trainings seed torch's global RNG: one at a ti
 def training_parts(params, seed: int, sources: list, tests: dict) -> list:
     """What determines a training's result besides code: its training fields, seed, sources and test sets."""
     p = params.cas
-    return [{f: getattr(p, f) for f in TRAIN_FIELDS}, seed, [(x, y, share) for x, y, share in sources],
+    return [{f: getattr(p, f) for f in TRAIN_FIELDS}, seed,
+            [(["stream", x.key, x.size], share) if is_stream(x) else (x, y, share) for x, y, share in sources],
             {k: (t.images, t.labels) for k, t in tests.items()}]
+
+
+def _image_shape(x) -> tuple:
+    """(H, W, C) of a source's images: a uint8 (N, H, W, C) array or a stream."""
+    return x.image_shape if is_stream(x) else x.shape[1:]
 
 
 def train_and_test(params, tag: str, seed: int, sources: list[tuple[np.ndarray, np.ndarray, float]], tests: dict,
@@ -55,16 +62,24 @@ def train_and_test(params, tag: str, seed: int, sources: list[tuple[np.ndarray, 
             work.save(state)
             last_save[0] = now
 
-    h, _, c = sources[0][0].shape[1:]
+    h, _, c = _image_shape(sources[0][0])
+    t0 = time.perf_counter()
     with _TRAIN_LOCK:
         net = classifier.build(p.model, c, n_classes, h, seed, p.width)
-        classifier.train(net, [(classifier.to_tensor(x), torch.from_numpy(y), share) for x, y, share in sources],
+        classifier.train(net, [(x, None, share) if is_stream(x) else (classifier.to_tensor(x), torch.from_numpy(y),
+                                                                       share) for x, y, share in sources],
                          epochs=p.epochs, steps=p.steps, warmup_steps=p.warmup_steps, batch_size=p.batch_size,
                          optimizer=p.optimizer, lr=p.lr,
                          momentum=p.momentum, weight_decay=p.weight_decay, warmup_epochs=p.warmup_epochs,
                          padding=p.crop_padding, flip=p.flip, augment=tuple(p.augment), seed=seed,
                          device=current_device(params.base), resume=resume, on_epoch=on_epoch)
-    result = {"tag": tag, "seed": seed, "train_images": int(sum(len(x) for x, _, _ in sources))}
+    streams = [x for x, _, _ in sources if is_stream(x)]
+    result = {"tag": tag, "seed": seed, "train_images": int(sum(x.stats["images"] if is_stream(x) else len(x)
+                                                                 for x, _, _ in sources)),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if streams:  # on-the-fly: images drawn this run (all distinct) and the time spent drawing them
+        result["on_the_fly"] = {"images": int(sum(x.stats["images"] for x in streams)),
+                                "seconds": round(sum(x.stats["seconds"] for x in streams), 2)}
     for name, t in tests.items():
         pred = classifier.predict(net.cpu(), classifier.to_tensor(t.images)).numpy()
         result[name] = {"accuracy": float((pred == t.labels).mean()),
