@@ -24,6 +24,13 @@ large mixed one) with the same seed, tested on the real test split (never used t
     real+tokens               real + the generator's class tokens (conditional generator only: it learned the pool's
                               labels, a baseline DI does not need)
     real+classenc             real + the class encoder (seed 002) trained on the k images per class
+    fly, real+fly             DI images drawn on the fly (cas.synthetic on_the_fly): fresh variants every optimiser
+                              step, never repeated, alone and half of each real batch; equal optimiser steps (and
+                              images trained on) as di / real+di, whose pre-generated set repeats each image
+    real+fly~time             real+fly at the wall time of real+di (sampling its pre-generated set + training): the
+                              steps are cut to fit, from this cell's measured draw rate and training times (needs
+                              real+di and real+fly before it in --arms)
+    real+di~fly               real + a pre-generated set as large as real+fly draws (equal image count, same steps)
 
 Everything is cached by content under ``.thinair/lowdata/<name>/`` (stages, trainings, the generators' training
 checkpoints), so a killed run resumes where it stopped; results are written after every cell.
@@ -79,6 +86,7 @@ def base_params(args, generator: Path | None, k: int | None, seed: int, **sectio
             "base.workers=1", "base.task_runner=thread", f"ingest.holdout_fraction={args.holdout}",
             f"ingest.per_class_limit={'null' if k is None else k}", f"ingest.subset_seed={seed}",
             f"sample.samples_per_setting={args.per_embedding}", f"cas.steps={args.steps}",
+            f"cas.batch_size={args.batch_size}",
             f"cas.warmup_steps={max(1, args.steps // 20)}", "cas.scale_synthetic=[]", "cas.scale_real=[]",
             "cas.reconstructed_test=false", f"classenc.steps={args.classenc_steps}"]
     if generator is not None:
@@ -111,12 +119,21 @@ def pretrain_generator(args, ws: Path, variant: str) -> Path:
 def synthetic_sets(args, params, cell: Path, arms: list[str], variant: str) -> dict:
     """Run the stages of one cell and return {method: (images, labels)} for the synthetic arms it needs."""
     from thinair.units import run_local
-    from thinair.upstream import link_stages, read_synthetic
+    from thinair.upstream import link_stages, read_split, read_synthetic
 
     for stage in ("ingest", "encode", "invert"):
         run_local(stage, params, cell)
     out = {}
     bases = [split_augment(a)[0] for a in arms]
+    if "real+di~fly" in bases:  # a pre-generated set of as many images as real+fly draws in --steps steps
+        ws = link_stages(cell / "di-fly-count", cell, ("ingest", "encode", "invert"))
+        n_emb = len(read_split("train", cell).labels)
+        per_step = args.batch_size - max(1, round(args.batch_size * params.cas.real_fraction))
+        settings = len(params.sample.checkpoints) * len(params.sample.guidance_scales)
+        update = {"samples_per_setting": -(-args.steps * per_step // (n_emb * settings))}
+        run_local("sample", params.model_copy(update={"sample": params.sample.model_copy(update=update)}), ws)
+        syn = read_synthetic(ws)
+        out["inversion~fly"] = (syn.images, syn.labels)
     wanted = {"inversion": any(a.split("@")[0] in ("di", "real+di") for a in bases),
               "class_tokens": variant == "cond" and "real+tokens" in bases,
               "class_encoder": "real+classenc" in bases}
@@ -171,6 +188,9 @@ def arm_sources(arm: str, real, syn: dict, default_fraction: float):
 
 
 def _synthetic_sources(arm: str, real_src: tuple, syn: dict, default_fraction: float) -> list | None:
+    if arm == "real+di~fly":
+        return [real_src + (default_fraction,), (*syn["inversion~fly"], 1 - default_fraction)] \
+            if "inversion~fly" in syn else None
     opts, kind = di_options(arm), arm.split("@")[0].split("[")[0]
     method = {"di": "inversion", "real+di": "inversion", "real+tokens": "class_tokens",
               "real+classenc": "class_encoder", "recon": "reconstruction", "real+recon": "reconstruction"}.get(kind)
@@ -184,8 +204,25 @@ def _synthetic_sources(arm: str, real_src: tuple, syn: dict, default_fraction: f
     return [real_src + (fraction,), (x, y, 1 - fraction)]
 
 
+FLY = ("fly", "real+fly")
+
+
+def fly_sources(arm: str, real, fresh, fraction: float) -> list:
+    """[(images, labels, batch share)] of an on-the-fly arm: the stream `fresh` alone, or beside the real images."""
+    return [(fresh, None, 1.0)] if arm == "fly" else [(real.images, real.labels, fraction), (fresh, None, 1 - fraction)]
+
+
+def equal_time_steps(steps: int, pregenerated: dict, fly: dict, pregenerated_images: int) -> int:
+    """Optimiser steps that give real+fly the wall time of real+di: sampling real+di's set (at real+fly's measured
+    draw rate) plus real+di's training, divided by real+fly's time per step (drawing and training)."""
+    rate = fly["on_the_fly"]["images"] / fly["on_the_fly"]["seconds"]  # images drawn per second
+    budget = pregenerated_images / rate + pregenerated["seconds"]
+    return max(1, min(steps, round(steps * budget / fly["seconds"])))
+
+
 def run_cell(args, ws: Path, generator: Path, variant: str, k: int | None, seed: int, arms: list[str]) -> list[dict]:
     from thinair import io
+    from thinair.tasks.sample import stream
     from thinair.training import cached_training
     from thinair.upstream import read_split
 
@@ -196,18 +233,30 @@ def run_cell(args, ws: Path, generator: Path, variant: str, k: int | None, seed:
     syn = synthetic_sets(args, base_params(args, generator, k, data_seed), cell, arms, variant)
     real, test = read_split("train", cell), read_split("test", cell)
     fit = io.read_json(cell / "data" / "encode" / "fit.json")
-    rows = []
+    rows, done = [], {}
     for arm in arms:
-        spec = arm_sources(arm, real, syn, params.cas.real_fraction)
+        train_seed, cas_update = io.seed_for(0, "lowdata", seed), {}
+        if arm.split("~")[0] in FLY:
+            if arm == "real+fly~time":
+                if not {"real+di", "real+fly"} <= set(done):
+                    raise SystemExit("arm real+fly~time needs real+di and real+fly before it in --arms")
+                steps = equal_time_steps(args.steps, done["real+di"], done["real+fly"], len(syn["inversion"][0]))
+                cas_update = {"steps": steps, "warmup_steps": max(1, steps // 20)}
+            spec = (fly_sources(arm, real, stream(params, train_seed, cell), params.cas.real_fraction), [])
+        else:
+            spec = arm_sources(arm, real, syn, params.cas.real_fraction)
         if spec is None:
             continue
         sources, augment = spec
-        p = params.model_copy(update={"cas": params.cas.model_copy(update={"augment": augment})})
-        res = cached_training(p, "cas", arm, io.seed_for(0, "lowdata", seed), sources, {"test": test},
-                              len(real.class_names), cell)
+        p = params.model_copy(update={"cas": params.cas.model_copy(update={"augment": augment} | cas_update)})
+        res = cached_training(p, "cas", arm, train_seed, sources, {"test": test}, len(real.class_names), cell)
+        done[arm] = res
         rows.append({"variant": variant, "k": "all" if k is None else k, "seed": seed, "arm": arm,
                      "accuracy": res["test"]["accuracy"], "real_images": len(real.labels),
-                     "train_images": res["train_images"]})
+                     "train_images": res["train_images"], "steps": p.cas.steps,
+                     "train_seconds": res.get("seconds"),
+                     "drawn": res.get("on_the_fly", {}).get("images"),
+                     "draw_seconds": res.get("on_the_fly", {}).get("seconds")})
     took = time.time() - t0
     print(f"{variant} k={k or 'all'} seed={seed}: " + ", ".join(f"{r['arm']} {100 * r['accuracy']:.1f}"
                                                                  for r in rows) + f"  ({took:.0f} s)", flush=True)
@@ -277,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-steps", default="1000,3000", help="VAE,UNet steps of each generator")
     ap.add_argument("--per-embedding", type=int, default=10, help="synthetic images per real image")
     ap.add_argument("--steps", type=int, default=500, help="optimiser steps of every classifier training")
+    ap.add_argument("--batch-size", type=int, default=128, help="classifier batch size (cas.batch_size)")
     ap.add_argument("--classenc-steps", type=int, default=500)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a parameter of every cell (e.g. invert.steps=100), repeatable")
