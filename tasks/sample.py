@@ -8,8 +8,8 @@ same class (never c_i), the unconditional context is the mean learned embedding 
 ``base.gen_resolution`` and resized to the save resolution. Reads ``data/invert`` and the generator.
 Writes ``data/sample/train-NNNNN.npz`` (``images`` uint8 (M, H, W, C), ``labels``, ``source_index``,
 ``partner_index``, ``checkpoint`` (-1 = final), ``guidance``, ``seed``), ``data/sample/provenance.csv``
-(one row per image: file, row, source, partner, alpha, lambda, guidance, checkpoint, scheduler, steps,
-seed) and ``data/sample/manifest.json`` (last). Files hold the plan's order: checkpoint, then guidance, then sample
+(one row per image: file, row, source, partner, alpha, lambda, guidance, guidance_interval, checkpoint,
+scheduler, steps, seed) and ``data/sample/manifest.json`` (last). Files hold the plan's order: checkpoint, then guidance, then sample
 index, then embedding (cas's scaling study re-ranks each embedding's variants across settings:
 thinair/upstream.py ``variant_rank``). ``sample.method: prompts`` (text prompts through the generator's
 text encoder, txt2img or img2img, optional CLIP-score filter) lives in thinair/prompt_sampling.py; it adds ``prompt`` (and
@@ -19,7 +19,8 @@ Beyond the paper (thinair/variants.py; the paper's settings are the defaults): `
 ``sample.noise_schedule`` adaptive (``noise_lambda`` per image), ``sample.filter_min_confidence`` (the domain
 classifier's label-consistency filter at equal count: ``confidence`` per image, ``replaced_labels``, and
 ``label_filter`` in the manifest), ``sample.allocation: coverage`` (a second pass for uncovered real images) and
-``sample.start: image`` (img2img from the image's own latent, data/encode).
+``sample.start: image`` (img2img from the image's own latent, data/encode). Issue 19: ``sample.guidance_interval``
+guides only a band of noise levels (thinair/diffusion.py ``denoise``), one UNet pass per image on the other steps.
 """
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ def render_records(recs: list[dict], bank: dict, p, unconds: dict | None, unet, 
     uncond = pg.uncond(recs) if pg else torch.stack([unconds[r["ckpt"]][r["row"]] for r in recs])
     w = torch.tensor([r["w"] for r in recs])
     lat = denoise(unet, gen_model.scheduler(p.scheduler), lat0.to(device), cond.to(device), uncond.to(device),
-                  w.to(device), p.steps, p.batched_guidance, init(recs) if init else None, p.strength)
+                  w.to(device), p.steps, p.batched_guidance, init(recs) if init else None, p.strength,
+                  p.guidance_interval)
     with torch.no_grad():
         x = gen_model.vae.decode((lat / gen_model.scaling_factor).to(gen_model.vae.dtype)).sample
     return to_uint8(x, *out_shape, interpolation)
@@ -372,7 +374,8 @@ def provenance(params: Params, files: list[str], root: str | Path = "."):
             "lambda": (z["noise_lambda"] if "noise_lambda" in z else p.noise) if p.method == "inversion" else 0.0,
             "method": p.method, "partner": p.partner if p.method == "inversion" else "none",
             "start": "image" if p.start == "image" or p.prompt_mode == "img2img" else "noise",
-            "guidance": z["guidance"],
+            "guidance": z["guidance"], "guidance_interval": "all" if p.guidance_interval is None
+            else "{:g}-{:g}".format(*p.guidance_interval),
             "checkpoint": z["checkpoint"], "uncond": "empty_prompt" if p.method == "prompts" else p.uncond,
             "scheduler": p.scheduler, "steps": p.steps, "seed": z["seed"]}
             | {k: z[k] for k in ("prompt", "clip_score", "confidence") if k in z}))  # prompts; the label filter

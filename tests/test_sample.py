@@ -136,3 +136,37 @@ def test_synthetic_images_are_resized_with_the_named_filter_like_pil(size):
         box = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
         box = ((box.clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy().astype(int)
         assert np.abs(box - pil).max() > 2
+
+
+def test_guidance_interval_guides_only_its_noise_levels_with_fewer_unet_evaluations(tiny_generator):
+    """sample.guidance_interval (issue 19): [0, 1] is the plain sampler bit for bit; an interval that holds no step
+    is the conditional prediction alone (guidance 1); a middle interval lies between, and the UNet sees exactly
+    unet_evaluations() images per sampled image (two per guided step, one per other)."""
+    from thinair.diffusion import unet_evaluations
+
+    g = load_generator(str(tiny_generator))
+    torch.manual_seed(0)
+    lat, cond, unc, w = torch.randn(3, 4, 4, 4), torch.randn(3, 2, 8), torch.randn(3, 2, 8), torch.full((3,), 4.0)
+    seen = []
+    hook = g.unet.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    try:
+        run = {iv: denoise(g.unet, g.scheduler("dpmsolver++"), lat, cond, unc, w, 6, interval=iv)
+               for iv in (None, (0.0, 1.0), (0.0, 0.05), (0.3, 0.7))}
+    finally:
+        hook.remove()
+    assert torch.equal(run[None], run[(0.0, 1.0)])
+    cond_only = denoise(g.unet, g.scheduler("dpmsolver++"), lat, cond, unc, torch.ones(3), 6)
+    assert torch.allclose(run[(0.0, 0.05)], cond_only, atol=1e-5)
+    assert not torch.allclose(run[(0.3, 0.7)], run[None], atol=1e-4)
+    assert not torch.allclose(run[(0.3, 0.7)], cond_only, atol=1e-4)
+    per_run = [sum(seen[i * 6:(i + 1) * 6]) for i in range(4)]  # images through the UNet, 6 steps per run
+    evals = [unet_evaluations(g.scheduler("dpmsolver++"), 6, iv) for iv in (None, (0.0, 1.0), (0.0, 0.05), (0.3, 0.7))]
+    assert per_run == [3 * e for e in evals] and evals[0] == 12 and evals[2] == 6 and 6 < evals[3] < 12
+
+
+@pytest.mark.parametrize("bad", [[0.8, 0.2], [0.0, 1.5], [-0.1, 0.5]])
+def test_bad_guidance_interval_names_the_param(tiny_generator, bad):
+    from thinair.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=r"sample.guidance_interval.*0 <= lo < hi <= 1"):
+        parse_params(tiny_params(tiny_generator, sample={"guidance_interval": bad}))

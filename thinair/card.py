@@ -230,8 +230,8 @@ Every image has a provenance row (`provenance.csv` beside an image folder, with 
 Hugging Face dataset; `<key>.json` in WebDataset shards): `key`, `stage` and `file` /
 `row` (the shard it came from, under `data/<stage>/`), `label`, `class_name`, `method`, `source_index` (the real
 train image whose embedding it came from), `partner_index` (its interpolation partner, -1 none), `alpha`, `lambda`,
-`guidance`, `checkpoint` (-1 = final), `uncond`, `scheduler`, `steps`, `seed` (its exact noise), and `prompt` /
-`clip_score` for method prompts. Real images have no value in the generation columns.
+`guidance`, `guidance_interval` (the noise levels guided; `all` = every step), `checkpoint` (-1 = final), `uncond`,
+`scheduler`, `steps`, `seed` (its exact noise), and `prompt` / `clip_score` for method prompts. Real images have no value in the generation columns.
 
 ## How to reproduce
 

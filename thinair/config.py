@@ -251,6 +251,11 @@ class Sample(_Section):
         "pndm", description="Sampler (reference: PNDM).")
     steps: int = Field(100, ge=1, le=1000, description="Denoising steps (paper: 100).")
     batch_size: int = Field(256, ge=1, description="Images per UNet call (x2 with guidance) and per VAE decode.")
+    guidance_interval: tuple[float, float] | None = Field(
+        None, description="Classifier-free guidance only at noise levels t/T in [lo, hi] (T = the training "
+        "timesteps, 1000 for SD); the other steps use the conditional prediction alone, one UNet pass per image "
+        "instead of two (Kynkaanniemi et al. 2024 guide only a middle interval). null = every step (paper). "
+        "benchmarks/steps_sweep.py measures CAS and recall per interval (configs sampler:steps:checkpoint:lo-hi).")
     batched_guidance: bool = Field(True, description="Conditional and unconditional passes in one batched UNet "
                                    "call (fast path) instead of two.")
     prompts_file: str | None = Field(None, description="method prompts: a prompt template file (YAML/JSON, format in "
@@ -267,6 +272,14 @@ class Sample(_Section):
                                    "CLIPScore) goes to provenance.csv.")
     clip_min_score: float | None = Field(None, ge=-100, le=100, description="Drop images whose CLIP score is below "
                                          "this (needs sample.clip_model); the manifest counts kept and dropped.")
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] < v[1] <= 1:
+            raise ValueError(f"needs 0 <= lo < hi <= 1 (noise levels t/T), got {list(v)}; e.g. [0.2, 0.8], or null "
+                             "to guide every step")
+        return v
 
     @model_validator(mode="after")
     def _prompts(self) -> "Sample":

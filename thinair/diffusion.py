@@ -59,15 +59,32 @@ def img2img_start(scheduler, steps: int, strength: float, x0: torch.Tensor, nois
     return scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0))), timesteps
 
 
+def guided(t, scheduler, interval: tuple[float, float] | None) -> bool:
+    """Whether step `t` gets classifier-free guidance: always without an `interval`, else when the noise level
+    t / T (T = the scheduler's training timesteps) lies in [lo, hi] (Kynkaanniemi et al. 2024, guidance interval)."""
+    if interval is None:
+        return True
+    level = float(t) / scheduler.config.num_train_timesteps
+    return interval[0] <= level <= interval[1]
+
+
+def unet_evaluations(scheduler, steps: int, interval: tuple[float, float] | None = None) -> int:
+    """UNet image evaluations per sampled image: two per guided step (uncond + cond), one per other step."""
+    scheduler.set_timesteps(steps)
+    return sum(2 if guided(t, scheduler, interval) else 1 for t in scheduler.timesteps)
+
+
 @torch.no_grad()
 def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int, batched: bool = True, init=None,
-            strength: float = 1.0):
+            strength: float = 1.0, interval: tuple[float, float] | None = None):
     """Classifier-free guidance sampling; cond/uncond (B, T, D), guidance (B,). Returns x0 latents.
 
     ``eps = eps_u + w (eps_c - eps_u)`` (the reference code's and diffusers' convention; the paper writes
     (1 + w') eps_c - w' eps_u, so its w' is this w - 1). ``batched``: one UNet call on the stacked uncond/cond
     batch (needs equal token counts) instead of two. ``init`` (B, 4, h, w): img2img from these latents noised to
-    ``strength`` (`latents` is then the noise).
+    ``strength`` (`latents` is then the noise). ``interval`` (lo, hi): guidance only at noise levels t / T in
+    [lo, hi]; the other steps take the conditional prediction alone, one UNet pass per image instead of two
+    (:func:`guided`; None = every step, the paper's sampling).
     """
     if init is None:
         scheduler.set_timesteps(steps, device=latents.device)
@@ -78,6 +95,11 @@ def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int, batche
     ctx = torch.cat([uncond, cond]).to(unet.dtype) if one_call else None
     w = guidance.view(-1, 1, 1, 1).to(lat)
     for t in timesteps:
+        if not guided(t, scheduler, interval):
+            inp = scheduler.scale_model_input(lat, t).to(unet.dtype)
+            eps = unet(inp, t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
+            lat = scheduler.step(eps, t, lat).prev_sample
+            continue
         if one_call:
             inp = scheduler.scale_model_input(torch.cat([lat, lat]), t).to(unet.dtype)
             eps_u, eps_c = unet(inp, t, encoder_hidden_states=ctx).sample.float().chunk(2)
