@@ -16,11 +16,17 @@ for some when b does not divide steps * n). ``invert.checkpoint_every``, the ``s
 ``checkpoints``, ``sample.checkpoints`` and the x of every loss point (``[updates per embedding, loss]``, one point
 per optimiser step) are in the same per-embedding units. With b = n (the embedded default) one optimiser step is one
 update of every embedding.
+
+**Cheaper inversion (issue 19, off by default):** ``invert.lr_schedule: cosine`` decays ``invert.lr`` to 1 % over the
+run; ``invert.warm_start: class`` first learns one shared embedding per class of the chunk for
+``invert.warm_start_steps`` optimiser steps and starts every image's embedding from its class's
+(benchmarks/invert_sweep.py measures UNet passes against CAS and the final denoising loss).
 """
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from thinair.units import Checkpoint, clean_dir
 from thinair.upstream import require, upstream_chunks
 
 STAGE = "invert"
+log = logging.getLogger(__name__)
 
 
 def init_embeddings(n: int, tokens: int, dim: int, rng: torch.Generator) -> torch.Tensor:
@@ -93,12 +100,54 @@ def next_rows(stream: dict, n: int, batch: int, rng: torch.Generator) -> torch.T
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def noisy_batch(noise_sched, mean, std, scaling: float, idx, rng: torch.Generator, device):
+    """(noisy latents, noise, t) of rows `idx`: a fresh posterior sample, noise and t ~ U{0..T-1} (one draw order)."""
+    eps_z = torch.randn(mean[idx].shape, generator=rng).to(device)
+    z0 = (mean[idx] + std[idx] * eps_z) * scaling  # posterior re-sampled every step, (B, 4, h, w)
+    noise = torch.randn(z0.shape, generator=rng).to(device)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=rng).to(device)
+    return noise_sched.add_noise(z0, noise, t), noise, t
+
+
+def class_warm_start(unet, noise_sched, mean, std, scaling: float, labels, p, rng: torch.Generator, chunk: int,
+                     device) -> tuple[torch.Tensor, float]:
+    """invert.warm_start class: one shared embedding per class of the chunk, learned like the per-image ones for
+    ``p.warm_start_steps`` optimiser steps of ``p.batch_size`` images; returns each image's start (n, T, D) and the
+    last loss."""
+    n = len(mean)
+    classes, inverse = torch.unique(torch.as_tensor(labels), return_inverse=True)
+    shared = torch.nn.Parameter(init_embeddings(n, p.num_tokens, unet.config.cross_attention_dim, rng)[:len(classes)]
+                                .to(device))
+    opt = torch.optim.AdamW([shared], lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
+    stream, batch, loss = {"perm": torch.arange(n), "pos": n}, min(p.batch_size, n), float("nan")
+    for step in range(p.warm_start_steps):
+        idx = next_rows(stream, n, batch, rng)
+        noisy, noise, t = noisy_batch(noise_sched, mean, std, scaling, idx, rng, device)
+        opt.zero_grad(set_to_none=True)
+        part = denoising_loss(unet, noisy, noise, t, shared[inverse[idx].to(device)])
+        if not torch.isfinite(part):
+            raise NonFiniteLoss(f"invert chunk {chunk}: class warm start loss is {part.item()} at step {step}; "
+                                "lower invert.lr")
+        part.backward()
+        opt.step()
+        loss = part.item()
+    return shared.detach()[inverse.to(device)].clone(), loss
+
+
+def lr_factor(p, step: int, total: int) -> float:
+    """invert.lr_schedule at optimiser step `step` (1-based) of `total`: 1 (constant) or cosine from 1 to 0.01."""
+    if p.lr_schedule == "constant":
+        return 1.0
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - 1) / max(1, total - 1)))
+
+
 def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, rng: torch.Generator, chunk: int,
-                state: dict | None = None, on_checkpoint=None, device="cpu"):
+                state: dict | None = None, on_checkpoint=None, device="cpu", labels=None):
     """Optimise embeddings for the latents of one chunk: ``p.steps`` updates per embedding (module docstring).
 
     Args:
         mean, logvar: VAE posterior of the chunk's images, (n, 4, h, w).
+        labels: the images' classes (n,), needed by ``invert.warm_start: class``.
         rng: the torch.Generator every draw comes from (its state is part of the checkpoint).
         state: a checkpoint from `on_checkpoint` to resume from, or None.
         on_checkpoint: called as ``on_checkpoint(k, state)`` at every saved checkpoint but the last (k in updates per
@@ -110,6 +159,14 @@ def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, rng: torch.G
     n = len(mean)
     dim = unet.config.cross_attention_dim
     emb = torch.nn.Parameter(init_embeddings(n, p.num_tokens, dim, rng).to(device))
+    std = torch.exp(0.5 * logvar).to(device)
+    if p.warm_start == "class" and state is None:  # (a resumed run restores the embeddings and the rng after it)
+        if labels is None:
+            raise ValueError("invert.warm_start=class needs the chunk's labels")
+        start, warm_loss = class_warm_start(unet, noise_sched, mean.to(device), std, scaling, labels, p, rng, chunk,
+                                            device)
+        emb.data.copy_(start)
+        log.info("invert chunk %d: class warm start, loss %.4f after %d steps", chunk, warm_loss, p.warm_start_steps)
     opt = torch.optim.AdamW([emb], lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
     ckpts, losses, start = {}, [], 0
     stream = {"perm": torch.arange(n), "pos": n}  # exhausted: the first step draws the first permutation
@@ -120,17 +177,16 @@ def invert_loop(unet, noise_sched, mean, logvar, scaling: float, p, rng: torch.G
         ckpts = {int(k): v for k, v in state["ckpts"].items()}
         losses, start = json.loads(state["losses"]), int(state["step"])
         stream = {"perm": state["perm"], "pos": int(state["pos"])}
-    mean, std = mean.to(device), torch.exp(0.5 * logvar).to(device)
+    mean = mean.to(device)
     batch = min(p.batch_size, n)
     saves = {optimiser_steps(k, n, batch): k for k in checkpoint_updates(p)}  # optimiser step -> updates/embedding
     micro = batch  # halved on out-of-memory: the same step as micro-batches with accumulated gradients
-    for step in range(start + 1, optimiser_steps(p.steps, n, batch) + 1):
+    total = optimiser_steps(p.steps, n, batch)
+    for step in range(start + 1, total + 1):
         idx = next_rows(stream, n, batch, rng)
-        eps_z = torch.randn(mean[idx].shape, generator=rng).to(device)
-        z0 = (mean[idx] + std[idx] * eps_z) * scaling  # posterior re-sampled every step, (B, 4, h, w)
-        noise = torch.randn(z0.shape, generator=rng).to(device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=rng).to(device)
-        noisy = noise_sched.add_noise(z0, noise, t)
+        noisy, noise, t = noisy_batch(noise_sched, mean, std, scaling, idx, rng, device)
+        for group in opt.param_groups:
+            group["lr"] = p.lr * lr_factor(p, step, total)
 
         def step_loss(m: int) -> float:
             nonlocal micro
@@ -189,7 +245,7 @@ def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", devic
     noise_sched = DDPMScheduler.from_config(gen_model.scheduler_config)
     emb, ckpts, losses = invert_loop(gen_model.unet, noise_sched, enc["mean"], enc["logvar"],
                                      gen_model.scaling_factor, p, rng, chunk, work.load(f"invert chunk {chunk}"),
-                                     lambda step, state: work.save(state), device)
+                                     lambda step, state: work.save(state), device, enc["labels"])
     tensors = {"embeddings": emb, "labels": enc["labels"], "index": enc["index"]}
     tensors |= {f"step_{k}": v for k, v in sorted(ckpts.items())}
     io.save_tensors(out, tensors, metadata={"losses": losses, "generator": gen_model.identity})

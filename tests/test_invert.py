@@ -128,3 +128,50 @@ def test_every_embedding_gets_steps_updates_when_batch_is_below_chunk(setup, tin
         upto = torch.bincount(torch.cat(drawn[:-(-k * n // batch)]), minlength=n)
         assert upto.min() == k and upto.max() <= k + 1
     assert losses[-1][0] == round(len(losses) * batch / n, 4) and losses[-1][0] >= steps
+
+
+LABELS = torch.tensor([0, 1, 0, 2, 1, 0])
+
+
+def test_class_warm_start_gives_each_image_its_class_embedding_then_resumes_exactly(setup, tiny_generator):
+    """invert.warm_start class (issue 19): the class phase learns one embedding per class, every image starts from
+    its class's (equal within a class, different across), and a run resumed after the phase is the uninterrupted one."""
+    g, sched, mean, logvar = setup
+    p = _p(tiny_generator, steps=4, batch_size=3, checkpoint_every=1, warm_start="class", warm_start_steps=3)
+    starts, loss = invert_stage.class_warm_start(g.unet, sched, mean, torch.exp(0.5 * logvar), 1.0, LABELS, p,
+                                                 torch.Generator().manual_seed(0), 0, "cpu")
+    assert starts.shape == (6, 2, 8) and loss == loss  # finite
+    assert torch.equal(starts[0], starts[2]) and torch.equal(starts[0], starts[5]) and torch.equal(starts[1], starts[4])
+    assert not torch.equal(starts[0], starts[1]) and not torch.equal(starts[1], starts[3])
+    full, _, full_losses = invert_loop(g.unet, sched, mean, logvar, 1.0, p, torch.Generator().manual_seed(5), 0,
+                                       labels=LABELS)
+    plain, _, _ = invert_loop(g.unet, sched, mean, logvar, 1.0, _p(tiny_generator, steps=4, batch_size=3,
+                                                                   checkpoint_every=1),
+                              torch.Generator().manual_seed(5), 0)
+    assert not torch.equal(full, plain)
+    saved = {}
+    invert_loop(g.unet, sched, mean, logvar, 1.0, p, torch.Generator().manual_seed(5), 0,
+                on_checkpoint=lambda s, st: saved.update({s: st}), labels=LABELS)
+    resumed, _, losses = invert_loop(g.unet, sched, mean, logvar, 1.0, p, torch.Generator().manual_seed(99), 0,
+                                     state=saved[2], labels=LABELS)
+    assert torch.equal(resumed, full) and losses == full_losses
+    with pytest.raises(ValueError, match="needs the chunk's labels"):
+        invert_loop(g.unet, sched, mean, logvar, 1.0, p, torch.Generator(), 0)
+
+
+def test_cosine_lr_schedule_decays_to_one_percent_and_constant_stays(setup, tiny_generator, monkeypatch):
+    p = _p(tiny_generator, lr_schedule="cosine")
+    f = [invert_stage.lr_factor(p, s, 5) for s in range(1, 6)]
+    assert f[0] == 1.0 and abs(f[-1] - 0.01) < 1e-12 and all(a > b for a, b in zip(f, f[1:]))
+    assert {invert_stage.lr_factor(_p(tiny_generator), s, 5) for s in range(1, 6)} == {1.0}
+    g, sched, mean, logvar = setup  # the optimiser sees the schedule: lrs recorded at every step
+    seen, real_step = [], torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    q = _p(tiny_generator, steps=5, batch_size=6, lr=0.1, lr_schedule="cosine")
+    invert_loop(g.unet, sched, mean, logvar, 1.0, q, torch.Generator().manual_seed(0), 0)
+    assert seen == pytest.approx([0.1 * x for x in f])

@@ -162,6 +162,15 @@ class Invert(_Section):
     checkpoint_every: int = Field(1000, ge=1, description="Save the embeddings every this many per-embedding "
                                   "steps (and after the last); these are the resume points and the checkpoints "
                                   "sample can use (paper: 1000).")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant (paper) or cosine decay of invert.lr to 1 % over the run: with a higher lr, "
+        "the cheaper inversion of issue 19 (benchmarks/invert_sweep.py).")
+    warm_start: Literal["none", "class"] = Field(
+        "none", description="none = every embedding starts from the reference's uniform init (paper); class = first "
+        "learn one shared embedding per class of the chunk (invert.warm_start_steps optimiser steps on the chunk's "
+        "images), then start each image's embedding from its class's.")
+    warm_start_steps: int = Field(100, ge=1, description="Optimiser steps (of invert.batch_size images) of the class "
+                                  "phase of warm_start: class; its UNet passes count in the sweep's budget.")
 
     @field_validator("betas")
     @classmethod
