@@ -53,6 +53,39 @@ def test_steps_sweep_runs_the_real_stages_and_picks_a_default(tiny_generator, tm
     assert (result["best"]["scheduler"], result["best"]["steps"]) in {("ddim", 4), ("dpmsolver++", 2)}
     assert "dpmsolver++" in sweep_section(out) and "<table>" in sweep_section(out)
 
+def test_steps_sweep_measures_a_guidance_interval_with_fewer_unet_evaluations(tiny_generator, tmp_path):
+    from tests.conftest import tiny_params
+    from thinair.io import read_json
+
+    f = _workspace(tiny_params(tiny_generator, cas={"epochs": 1}), tmp_path)
+    out = tmp_path / "sweep.json"
+    assert benchmark_script("steps_sweep").main(["--configs", "dpmsolver++:4,dpmsolver++:4:final:0.3-0.8", "--seeds",
+                                                 "1", "--params", str(f), "--root", str(tmp_path), "--out",
+                                                 str(out)]) == 0
+    rows = read_json(out)["rows"]
+    assert [r["interval"] for r in rows] == ["all", "0.3-0.8"] and rows[0]["unet_evals"] == 8
+    assert rows[1]["unet_evals"] == 6 and rows[1]["within_tolerance"] is False  # shown, not picked as the sampler
+    prov = (tmp_path / ".thinair" / "sweep" / "dpmsolver++-4-final-g0.3-0.8" / "data" / "sample" / "provenance.csv")
+    assert "0.3-0.8" in prov.read_text()
+
+
+def test_invert_sweep_counts_passes_and_scores_each_configuration(tiny_generator, tmp_path):
+    from tests.conftest import tiny_params
+    from thinair.io import read_json
+
+    f = _workspace(tiny_params(tiny_generator, cas={"epochs": 1}), tmp_path)
+    out = tmp_path / "inv.json"
+    sweep = benchmark_script("invert_sweep")
+    assert sweep.main(["--configs", "steps=4;steps=1,lr=0.1,lr_schedule=cosine,warm_start=class,warm_start_steps=2",
+                       "--seeds", "1", "--params", str(f), "--root", str(tmp_path), "--out", str(out)]) == 0
+    ref, cheap = read_json(out)["rows"]
+    # 40 images in chunks of 20 at batch 10: 4 x 20 per chunk; the cheap one 1 x 20 + a class phase of 2 x 10
+    assert ref["passes"] == 2 * 4 * 20 and cheap["passes"] == 2 * (20 + 2 * 10)
+    assert cheap["passes_vs_reference"] == 0.5 and ref["cas_minus_reference"] == 0
+    assert all(r["eval_loss"] > 0 and 0 <= r["cas"]["mean"] <= 1 and r["fid"] >= 0 for r in (ref, cheap))
+    assert ref["eval_loss"] != cheap["eval_loss"]
+
+
 def test_methods_benchmark_compares_every_method_at_equal_count(tiny_generator, tmp_path):
     from tests.conftest import tiny_params
     from thinair.io import read_json
@@ -70,3 +103,21 @@ def test_methods_benchmark_compares_every_method_at_equal_count(tiny_generator, 
     assert rows[2]["train_seconds"] > 0 and rows[1]["train_seconds"] == 0
     assert all(0 <= r["cas"]["mean"] <= 1 and r["fid"] >= 0 for r in rows)
     assert "class encoder (seed 002)" in methods_section(out)
+
+
+def test_vs_diffusers_matches_the_pipeline_images_and_times_every_contender(tiny_generator, tmp_path):
+    from tests.conftest import tiny_params
+    from thinair.io import read_json
+
+    _workspace(tiny_params(tiny_generator), tmp_path)
+    out = tmp_path / "vs.json"
+    assert benchmark_script("vs_diffusers").main([
+        "--generator", str(tiny_generator), "--root", str(tmp_path), "--n", "8", "--steps", "4", "--interval",
+        "0.3-0.8", "--reps", "1", "--invert-iters", "1", "--out", str(out)]) == 0
+    result = read_json(out)
+    assert result["max_abs_diff"] <= 1  # thinair's sampler = diffusers' pipeline, to 1/255
+    rows = {r["sampler"]: r for r in result["sampling"]}
+    assert rows["diffusers StableDiffusionPipeline"]["ratio"] == 1.0
+    assert rows["thinair"]["unet_evaluations"] == 8 and rows["thinair, guidance interval 0.3-0.8"]["unet_evaluations"] == 6
+    assert all(r["images_per_s"] > 0 for r in rows.values())
+    assert all(len(v) == 1 and v[0] > 0 for v in result["inversion"].values())
