@@ -254,7 +254,7 @@ def test_card(project, tmp_path):
     assert "| class | synthetic | real |" in text and "| 3 | 8 | 4 |" in text  # digits: the name is the label
     assert "guidance_scales:" in text and "Method `inversion`" in text
     assert "1.811" in text and "floor: real test vs real train" in text and "trained on" in text
-    assert "Not run (no data/encode/fit.json" in text  # tiny_params turn the fit check off (test_fit_section below)
+    assert "**FAILED**: a classifier" in text  # the project runs the fit check (warn): a random generator fails it
     assert "thinair export --format hf --where 'guidance>=2' --real" in text and "dvc repro" in text
     assert "git checkout <the revision" in text  # the tiny project is no git checkout
     assert licence("CompVis/stable-diffusion-v1-4")[0] == "creativeml-openrail-m"
