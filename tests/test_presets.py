@@ -81,3 +81,28 @@ def test_method_presets_are_valid_experiments(name, capsys):
     assert p.sample.method == METHODS[name]["params"]["sample.method"]
     assert main(["--params", str(ROOT / "params.yaml"), "preset", name]) == 0
     assert capsys.readouterr().out.startswith(f"dvc exp run -n {name} \\\n  -S sample.method=")
+
+
+def test_paper_di_pins_every_beyond_paper_option_to_the_papers_choice(capsys):
+    """Issues 17 and 19 add options beyond the paper; `paper-di` (and every dataset preset) sets each back to the
+    paper's value, whatever params.yaml says, and those values are the defaults today."""
+    from thinair.config import Params
+    from thinair.presets import PAPER_DI
+
+    beyond = {"sample.partner", "sample.noise_schedule", "sample.allocation", "sample.filter_min_confidence",
+              "sample.start", "sample.guidance_interval", "invert.lr_schedule", "invert.warm_start", "cas.synthetic"}
+    assert beyond <= set(PAPER_DI)
+    changed = ["-S", "sample.partner=knn", "-S", "sample.guidance_interval=[0.3,0.7]", "-S", "invert.warm_start=class",
+               "-S", "cas.synthetic=on_the_fly", "-S", "sample.scheduler=dpmsolver++"]
+    sets = changed + set_args("paper-di")
+    p = load_params(ROOT / "params.yaml", [sets[i + 1] for i in range(0, len(sets), 2)])
+    default = Params()
+    for key in beyond:
+        section, name = key.split(".")
+        assert getattr(getattr(p, section), name) == getattr(getattr(default, section), name) == PAPER_DI[key]
+    assert (p.sample.scheduler, p.sample.steps) == ("pndm", 100)
+    for name in PRESETS:
+        assert set(PAPER_DI.items()) <= {(k, v if not isinstance(v, list) else tuple(v))
+                                         for k, v in PRESETS[name]["params"].items()}
+    assert main(["--params", str(ROOT / "params.yaml"), "preset", "paper-di"]) == 0
+    assert "-S sample.partner=random" in capsys.readouterr().out

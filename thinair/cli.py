@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("params", help="print every parameter with its default and meaning (markdown)")
     pre = sub.add_parser("preset", help="the paper's settings for a dataset, as a `dvc exp run` command")
     pre.add_argument("name", help="cifar10, cifar100, stl10, imagenette, eurosat, pathmnist, dermamnist, "
-                     "bloodmnist, retinamnist; or a steering method on the current dataset: method-inversion, "
+                     "bloodmnist, retinamnist; paper-di (Diffusion Inversion exactly as the paper, current dataset: "
+                     "every beyond-paper option off); or a steering method on the current dataset: method-inversion, "
                      "method-class-encoder, method-class-encoder-lora, method-class-tokens; or search-best (the "
                      "`search` stage's best trial)")
     pre.add_argument("--run", action="store_true", help="run the experiment now (dvc exp run)")

@@ -12,6 +12,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# The paper's own choice for every option thinair adds beyond it (issues 17 and 19): pinned by every dataset preset
+# and by `paper-di`, so the paper's exact method stays one preset away whatever params.yaml sets.
+PAPER_DI = {
+    "sample.method": "inversion", "sample.partner": "random", "sample.noise_schedule": "fixed",
+    "sample.allocation": "uniform", "sample.filter_min_confidence": None, "sample.start": "noise",
+    "sample.guidance_interval": None, "sample.uncond": "dataset", "sample.noise": 0.1, "sample.interpolation": 0.1,
+    "sample.scheduler": "pndm", "sample.steps": 100,
+    "invert.lr": 0.03, "invert.lr_schedule": "constant", "invert.warm_start": "none",
+    "cas.synthetic": "pregenerated",
+}
+
 # Diffusion Inversion (seeds 000/001) on Stable Diffusion v1-4. Steps are per embedding (as the paper's "3K steps" and
 # its reference code count them): a chunk of 100 at batch 50 runs 2 optimiser steps per per-embedding step, 6,000 in
 # all; the checkpoints 1K/2K/3K are in the same units.
@@ -29,7 +40,7 @@ _SD = {
     "cas.seeds": 5,
     "cas.real_fractions": [0.125, 0.25, 0.5, 0.75, 0.875],  # real:synthetic 1:7, 1:3, 1:1, 3:1, 7:1; best reported
     "cas.scale_synthetic": [1, 3, 9, 18, 27, 45],  # up to all 45 variants (3 checkpoints x 3 guidance x 5)
-}
+} | PAPER_DI
 
 
 def _ds(name: str, res: int, padding: int, **extra) -> dict:
@@ -92,6 +103,7 @@ CLASSENC: dict[str, dict] = {f"classenc-{name}": {"params": _classenc(name)} for
 # The steering methods side by side on the current dataset (same ingest/metrics/cas/report, equal synthetic
 # count): `thinair preset method-class-encoder --run`, then `dvc exp show`.
 METHODS: dict[str, dict] = {
+    "paper-di": {"params": PAPER_DI},  # Diffusion Inversion sampled and trained exactly as the paper, current dataset
     "method-inversion": {"params": {"sample.method": "inversion"}},
     "method-class-encoder": {"params": {"sample.method": "class_encoder"}},
     "method-class-encoder-lora": {"params": {"sample.method": "class_encoder", "classenc.finetune": "lora"}},
