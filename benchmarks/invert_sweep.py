@@ -6,7 +6,8 @@ Run by hand in a workspace where `dvc repro` has produced ``data/ingest`` and ``
     python benchmarks/invert_sweep.py --configs "steps=300;steps=75,lr=0.1,lr_schedule=cosine" --seeds 3
 
 Each configuration is a ``;``-separated entry of ``key=value`` overrides of the ``invert`` section (the first is the
-reference, normally the default). For each, the real `invert`, `sample`, `metrics` and `cas` stage code runs in a
+reference); ``root`` is the workspace's own ``data/invert`` as `dvc repro` made it with ``--params`` (the default:
+no inversion re-run). For each, the real `invert`, `sample`, `metrics` and `cas` stage code runs in a
 scratch workspace ``.thinair/invsweep/<name>/`` that links the main workspace's ingest and encode outputs (one
 synthetic image per embedding, synthetic-only CAS over ``--seeds`` seeds). UNet passes = forward + backward image
 evaluations of the inversion: ``steps x n`` per-image updates plus ``warm_start_steps x batch`` of a class warm start.
@@ -25,13 +26,16 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_CONFIGS = ("steps=300;steps=75;steps=75,lr=0.1,lr_schedule=cosine;"
+DEFAULT_CONFIGS = ("root;steps=75;steps=75,lr=0.1,lr_schedule=cosine;"
                    "steps=60,warm_start=class,warm_start_steps=200;"
                    "steps=60,lr=0.1,lr_schedule=cosine,warm_start=class,warm_start_steps=200")
 
 
 def parse_config(text: str) -> dict:
+    """'steps=75,lr=0.1' -> {'steps': '75', 'lr': '0.1'}; 'root' -> {} (the workspace's own data/invert)."""
     out = {}
+    if text.strip() == "root":
+        return out
     for item in text.split(","):
         key, _, value = item.partition("=")
         out[key.strip()] = value.strip()
@@ -88,8 +92,8 @@ def run_config(root: Path, params_path: str, config: dict, seeds: int) -> dict:
     from thinair.units import run_local
     from thinair.upstream import link_stages, read_split
 
-    ws = root / ".thinair" / "invsweep" / name_of(config)
-    link_stages(ws, root, ("ingest", "encode"))
+    ws = root / ".thinair" / "invsweep" / (name_of(config) or "root")
+    link_stages(ws, root, ("ingest", "encode") if config else ("ingest", "encode", "invert"))
     sets = [f"invert.{k}={v}" for k, v in config.items()]
     if "steps" in config and "checkpoint_every" not in config:  # only the final embeddings are sampled
         sets.append(f"invert.checkpoint_every={config['steps']}")
@@ -97,13 +101,14 @@ def run_config(root: Path, params_path: str, config: dict, seeds: int) -> dict:
                                               "cas.modes=[synthetic]", f"cas.seeds={seeds}", "cas.scale_synthetic=[]",
                                               "cas.scale_real=[]", "cas.reconstructed_test=false"])
     t0 = time.perf_counter()
-    run_local("invert", params, ws)
-    seconds = time.perf_counter() - t0
+    if config:  # else: the workspace's own inversion (made with --params' invert section), linked as it is
+        run_local("invert", params, ws)
+    seconds = round(time.perf_counter() - t0, 1) if config else None
     run_local("sample", params, ws)
     metrics = run_local("metrics", params, ws)["synthetic_vs_train"]
     cas = run_local("cas", params, ws)["accuracy"]["synthetic"]
     n = len(read_split("train", ws).labels)
-    return {"config": config, "passes": unet_passes(params, n), "invert_seconds": round(seconds, 1),
+    return {"config": config or {"root": "data/invert"}, "passes": unet_passes(params, n), "invert_seconds": seconds,
             "eval_loss": round(eval_loss(params, ws), 5), "cas": cas,
             **{k: round(float(metrics[k]), 4) for k in ("fid", "precision", "recall", "coverage")}}
 
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ",".join(f"{k}={v}" for k, v in r["config"].items())
         print(f"{cfg:<72}{r['passes']:>9}{r['passes_vs_reference']:>7.3f}{r['eval_loss']:>9.5f}"
               f"{100 * r['cas']['mean']:>8.2f}{100 * r['cas']['std']:>7.2f}{r['cas_minus_reference']:>7.2f}"
-              f"{r['fid']:>8.3f}{r['recall']:>8.3f}{r['invert_seconds']:>7.0f}")
+              f"{r['fid']:>8.3f}{r['recall']:>8.3f}{r['invert_seconds'] or '-':>7}")
     print(note)
     return 0
 

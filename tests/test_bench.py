@@ -76,7 +76,7 @@ def test_invert_sweep_counts_passes_and_scores_each_configuration(tiny_generator
     f = _workspace(tiny_params(tiny_generator, cas={"epochs": 1}), tmp_path)
     out = tmp_path / "inv.json"
     sweep = benchmark_script("invert_sweep")
-    assert sweep.main(["--configs", "steps=4;steps=1,lr=0.1,lr_schedule=cosine,warm_start=class,warm_start_steps=2",
+    assert sweep.main(["--configs", "root;steps=1,lr=0.1,lr_schedule=cosine,warm_start=class,warm_start_steps=2",
                        "--seeds", "1", "--params", str(f), "--root", str(tmp_path), "--out", str(out)]) == 0
     ref, cheap = read_json(out)["rows"]
     # 40 images in chunks of 20 at batch 10: 4 x 20 per chunk; the cheap one 1 x 20 + a class phase of 2 x 10
