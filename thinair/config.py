@@ -169,8 +169,9 @@ class Invert(_Section):
         "none", description="none = every embedding starts from the reference's uniform init (paper); class = first "
         "learn one shared embedding per class of the chunk (invert.warm_start_steps optimiser steps on the chunk's "
         "images), then start each image's embedding from its class's.")
-    warm_start_steps: int = Field(100, ge=1, description="Optimiser steps (of invert.batch_size images) of the class "
-                                  "phase of warm_start: class; its UNet passes count in the sweep's budget.")
+    warm_start_steps: int = Field(10, ge=1, description="Optimiser steps per chunk of the class phase of warm_start: "
+                                  "class, each of invert.batch_size images: it costs warm_start_steps x batch / chunk "
+                                  "size per-embedding steps' worth of UNet passes (10 x 100 / 100 = 10).")
 
     @field_validator("betas")
     @classmethod
