@@ -222,7 +222,7 @@ def equal_time_steps(steps: int, pregenerated: dict, fly: dict, pregenerated_ima
 
 def run_cell(args, ws: Path, generator: Path, variant: str, k: int | None, seed: int, arms: list[str]) -> list[dict]:
     from thinair import io
-    from thinair.tasks.sample import stream
+    from thinair.draws import stream
     from thinair.training import cached_training
     from thinair.upstream import read_split
 

@@ -28,7 +28,7 @@ from thinair.config import Params, real_ratio
 from thinair.devices import current_device
 from thinair.diffusion import reconstruct
 from thinair.generator import generator_for, runtime_key
-from thinair.tasks.sample import stream
+from thinair.draws import stream
 from thinair.training import train_and_test, training_parts
 from thinair.units import Checkpoint, cached, code_key, content_key
 from thinair.upstream import LabelledImages, Synthetic, memoized, read_split, read_synthetic, variant_rank
@@ -84,7 +84,7 @@ def run_seeds(params: Params, mode: str) -> list[int]:
 def mode_sources(params: Params, mode: str, real: LabelledImages, syn: Synthetic | None, seed: int = 0,
                  root: str | Path = ".") -> list:
     """[(images, labels, batch share)] of a mode; with cas.synthetic on_the_fly the synthetic images are a stream
-    of fresh variants seeded by the training's `seed` (tasks/sample.py ``stream``) in place of data/sample's."""
+    of fresh variants seeded by the training's `seed` (thinair/draws.py ``stream``) in place of data/sample's."""
     share = real_share(params, mode) if mode.startswith(MIXED) else 1.0
 
     def synthetic(s: float) -> tuple:

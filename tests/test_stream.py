@@ -13,7 +13,7 @@ from thinair import classifier, io
 from thinair.config import parse_params
 from thinair.errors import ParamsError
 from thinair.stream import SyntheticStream
-from thinair.tasks.sample import Stream, stream
+from thinair.draws import Stream, stream
 
 SHAPE = (6, 6, 1)
 

@@ -45,11 +45,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from thinair.augment import (  # noqa: F401 - re-exported: the augmentations belong to the training API
     _MIXES, AUGMENTS, apply_policy, check_augment, crop_flip, cutout, make_policy, mix, soft_targets,
 )
-from thinair.stream import is_stream
 
 SMALL = 64  # images up to this side: the reference's CIFAR / MedMNIST stems (28, 32 px)
 MEDIUM = 128  # up to this side: its STL-10 stems (96 px); larger: its ImageNette stems (256 px)
@@ -340,6 +340,11 @@ def _batch(sources, per_batch: list[int], perms: list, step: int, feeds: dict | 
         xs.append(x[idx])
         ys.append(y[idx])
     return torch.cat(xs), torch.cat(ys)  # (B, C, H, W), (B,)
+
+
+def is_stream(x) -> bool:
+    """Whether a training source's images are a stream of batches (thinair/stream.py) rather than a tensor."""
+    return isinstance(x, IterableDataset)
 
 
 def _feeds(sources, per_batch: list[int], first_step: int) -> dict:

@@ -4,8 +4,8 @@ The paper pre-generates a fixed-size synthetic set because "on-the-fly data gene
 computationally costly". With a 10-step sampler and a small generator it no longer is. :class:`SyntheticStream` is a
 ``torch.utils.data.IterableDataset``: iterated (directly or through ``DataLoader(stream, batch_size=None)``) it yields
 ``(x, y)`` batches, x float (n, C, H, W) normalised as ``thinair.classifier.to_tensor`` does and y int64 (n,), drawn
-by a ``draw(step, n) -> (uint8 (n, H, W, C), labels (n,))`` callable (the sample stage's :class:`thinair.tasks.sample.
-Stream`). Step t of a stream is the same images whatever happened before it (the draw is seeded by position), so a
+by a ``draw(step, n) -> (uint8 (n, H, W, C), labels (n,))`` callable (:class:`thinair.draws.Stream`: the sample
+stage's variants). Step t of a stream is the same images whatever happened before it (the draw is seeded by position), so a
 training resumed after a kill continues with exactly the images it would have seen, and no image is drawn twice.
 
 Pure: reads and writes nothing; the draw callable does the generating.
@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
+
+from thinair.classifier import to_tensor
 
 
 class SyntheticStream(IterableDataset):
@@ -67,8 +69,6 @@ class SyntheticStream(IterableDataset):
             raise ValueError(f"SyntheticStream: draw({step}, {self.per_step}) gave images {images.dtype} "
                              f"{images.shape} and {len(labels)} labels; expected uint8 "
                              f"{(self.per_step, *self.image_shape)} and as many labels")
-        from thinair.classifier import to_tensor  # classifier imports this module
-
         x = to_tensor(images)
         self.stats["images"] += len(images)
         self.stats["seconds"] += time.perf_counter() - t0
