@@ -75,9 +75,7 @@ def eval_loss(params, ws: Path, draws: int = 8) -> float:
     losses = []
     for i, f in enumerate(upstream_chunks("invert", ws)):
         emb = io.load_tensors(paths.stage_dir("invert", ws) / f)["embeddings"]
-        enc_name = upstream_chunks("encode", ws)[i]
-        enc = io.load_tensors(paths.stage_dir("encode", ws) / (enc_name["file"] if isinstance(enc_name, dict)
-                                                                else enc_name))
+        enc = io.load_tensors(paths.stage_dir("encode", ws) / f)  # invert's chunk i is encode's file of that name
         rng = torch.Generator().manual_seed(1000 + i)
         std = torch.exp(0.5 * enc["logvar"])
         for _ in range(draws):

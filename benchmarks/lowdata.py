@@ -128,7 +128,7 @@ def synthetic_sets(args, params, cell: Path, arms: list[str], variant: str) -> d
     if "real+di~fly" in bases:  # a pre-generated set of as many images as real+fly draws in --steps steps
         ws = link_stages(cell / "di-fly-count", cell, ("ingest", "encode", "invert"))
         n_emb = len(read_split("train", cell).labels)
-        per_step = args.batch_size - max(1, round(args.batch_size * params.cas.real_fraction))
+        per_step = max(1, round(args.batch_size * (1 - params.cas.real_fraction)))  # classifier._plan's rule
         settings = len(params.sample.checkpoints) * len(params.sample.guidance_scales)
         update = {"samples_per_setting": -(-args.steps * per_step // (n_emb * settings))}
         run_local("sample", params.model_copy(update={"sample": params.sample.model_copy(update=update)}), ws)

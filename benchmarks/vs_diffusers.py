@@ -42,8 +42,7 @@ def load_inputs(root: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     chunks = upstream_chunks("invert", root)
     emb = torch.cat([io.load_tensors(d / f)["embeddings"] for f in chunks])
     enc_dir = paths.stage_dir("encode", root)
-    first = upstream_chunks("encode", root)[0]
-    enc = io.load_tensors(require(enc_dir / (first["file"] if isinstance(first, dict) else first), "encode"))
+    enc = io.load_tensors(require(enc_dir / upstream_chunks("encode", root)[0]["file"], "encode"))
     return emb[:n], emb.mean(0, keepdim=True), enc
 
 

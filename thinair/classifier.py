@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from thinair.augment import (  # noqa: F401 - re-exported: the augmentations belong to the training API
     _MIXES, AUGMENTS, apply_policy, check_augment, crop_flip, cutout, make_policy, mix, soft_targets,
@@ -350,8 +350,6 @@ def is_stream(x) -> bool:
 def _feeds(sources, per_batch: list[int], first_step: int) -> dict:
     """{source index: iterator of batches} for the stream sources (thinair/stream.py), from optimiser step
     `first_step` on, each through a ``DataLoader`` (``batch_size=None``: the stream yields whole batches)."""
-    from torch.utils.data import DataLoader
-
     return {i: iter(DataLoader(x.at(k, first_step), batch_size=None))
             for i, ((x, _, _), k) in enumerate(zip(sources, per_batch)) if is_stream(x)}
 

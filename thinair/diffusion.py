@@ -93,11 +93,12 @@ def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int, batche
         lat, timesteps = img2img_start(scheduler, steps, strength, init, latents)
     one_call = batched and uncond.shape[1] == cond.shape[1]
     ctx = torch.cat([uncond, cond]).to(unet.dtype) if one_call else None
+    cond_ctx = cond.to(unet.dtype)  # the unguided steps' context
     w = guidance.view(-1, 1, 1, 1).to(lat)
     for t in timesteps:
         if not guided(t, scheduler, interval):
             inp = scheduler.scale_model_input(lat, t).to(unet.dtype)
-            eps = unet(inp, t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
+            eps = unet(inp, t, encoder_hidden_states=cond_ctx).sample.float()
             lat = scheduler.step(eps, t, lat).prev_sample
             continue
         if one_call:
@@ -106,6 +107,6 @@ def denoise(unet, scheduler, latents, cond, uncond, guidance, steps: int, batche
         else:
             inp = scheduler.scale_model_input(lat, t).to(unet.dtype)
             eps_u = unet(inp, t, encoder_hidden_states=uncond.to(unet.dtype)).sample.float()
-            eps_c = unet(inp, t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
+            eps_c = unet(inp, t, encoder_hidden_states=cond_ctx).sample.float()
         lat = scheduler.step(eps_u + w * (eps_c - eps_u), t, lat).prev_sample
     return lat

@@ -18,6 +18,7 @@ from thinair.config import Params
 from thinair.diffusion import denoise
 from thinair.generator import generator_for, generator_identity, runtime_key
 from thinair.images import to_uint8
+from thinair.stream import SyntheticStream
 from thinair.upstream import require, upstream_chunks
 
 
@@ -190,7 +191,5 @@ class Stream:
 
 def stream(params: Params, seed: int, root: str | Path = ".", device=None):
     """A :class:`thinair.stream.SyntheticStream` of :class:`Stream`'s draws (cas.synthetic on_the_fly)."""
-    from thinair.stream import SyntheticStream
-
     draw = Stream(params, seed, root, device)
     return SyntheticStream(draw, draw.size, draw.image_shape, draw.key)

@@ -80,7 +80,3 @@ class SyntheticStream(IterableDataset):
             yield self.batch(step)
             step += 1
 
-
-def is_stream(x) -> bool:
-    """Whether a training source's images are a stream rather than a fixed array."""
-    return isinstance(x, SyntheticStream)

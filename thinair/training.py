@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from thinair import classifier, io
+from thinair.classifier import is_stream
 from thinair.devices import current_device
-from thinair.stream import is_stream
 from thinair.units import Checkpoint, cached, code_key, content_key
 
 # The fields of `cas` that change a training's result (seeds/modes/scaling lists only choose which to run).
@@ -74,12 +74,12 @@ def train_and_test(params, tag: str, seed: int, sources: list[tuple[np.ndarray, 
                          padding=p.crop_padding, flip=p.flip, augment=tuple(p.augment), seed=seed,
                          device=current_device(params.base), resume=resume, on_epoch=on_epoch)
     streams = [x for x, _, _ in sources if is_stream(x)]
-    result = {"tag": tag, "seed": seed, "train_images": int(sum(x.stats["images"] if is_stream(x) else len(x)
-                                                                 for x, _, _ in sources)),
+    drawn = sum(x.stats["images"] for x in streams)
+    result = {"tag": tag, "seed": seed,
+              "train_images": int(drawn + sum(len(x) for x, _, _ in sources if not is_stream(x))),
               "seconds": round(time.perf_counter() - t0, 2)}
     if streams:  # on-the-fly: images drawn this run (all distinct) and the time spent drawing them
-        result["on_the_fly"] = {"images": int(sum(x.stats["images"] for x in streams)),
-                                "seconds": round(sum(x.stats["seconds"] for x in streams), 2)}
+        result["on_the_fly"] = {"images": int(drawn), "seconds": round(sum(x.stats["seconds"] for x in streams), 2)}
     for name, t in tests.items():
         pred = classifier.predict(net.cpu(), classifier.to_tensor(t.images)).numpy()
         result[name] = {"accuracy": float((pred == t.labels).mean()),
