@@ -78,6 +78,11 @@ def di_options(arm: str) -> str | None:
     return opts
 
 
+def warmup(steps: int) -> int:
+    """The warm-up of a `steps`-step classifier training: 5 %, at least one step."""
+    return max(1, steps // 20)
+
+
 def base_params(args, generator: Path | None, k: int | None, seed: int, **sections):
     """The params of one cell: params.yaml's, with the benchmark's dataset, generator, subset and CAS protocol."""
     from thinair.config import load_params
@@ -87,7 +92,7 @@ def base_params(args, generator: Path | None, k: int | None, seed: int, **sectio
             f"ingest.per_class_limit={'null' if k is None else k}", f"ingest.subset_seed={seed}",
             f"sample.samples_per_setting={args.per_embedding}", f"cas.steps={args.steps}",
             f"cas.batch_size={args.batch_size}",
-            f"cas.warmup_steps={max(1, args.steps // 20)}", "cas.scale_synthetic=[]", "cas.scale_real=[]",
+            f"cas.warmup_steps={warmup(args.steps)}", "cas.scale_synthetic=[]", "cas.scale_real=[]",
             "cas.reconstructed_test=false", f"classenc.steps={args.classenc_steps}"]
     if generator is not None:
         sets.append(f"base.generator={generator}")
@@ -241,7 +246,7 @@ def run_cell(args, ws: Path, generator: Path, variant: str, k: int | None, seed:
                 if not {"real+di", "real+fly"} <= set(done):
                     raise SystemExit("arm real+fly~time needs real+di and real+fly before it in --arms")
                 steps = equal_time_steps(args.steps, done["real+di"], done["real+fly"], len(syn["inversion"][0]))
-                cas_update = {"steps": steps, "warmup_steps": max(1, steps // 20)}
+                cas_update = {"steps": steps, "warmup_steps": warmup(steps)}
             spec = (fly_sources(arm, real, stream(params, train_seed, cell), params.cas.real_fraction), [])
         else:
             spec = arm_sources(arm, real, syn, params.cas.real_fraction)
