@@ -101,6 +101,8 @@ def test_paper_di_pins_every_beyond_paper_option_to_the_papers_choice(capsys):
         section, name = key.split(".")
         assert getattr(getattr(p, section), name) == getattr(getattr(default, section), name) == PAPER_DI[key]
     assert (p.sample.scheduler, p.sample.steps) == ("pndm", 100)
+    # the embedded generator at the paper's constant 0.03: the 300 steps it needs, not the cheap default's 75
+    assert (p.invert.steps, p.invert.checkpoint_every, p.invert.lr) == (300, 100, 0.03)
     for name in PRESETS:
         assert set(PAPER_DI.items()) <= {(k, v if not isinstance(v, list) else tuple(v))
                                          for k, v in PRESETS[name]["params"].items()}

@@ -111,6 +111,23 @@ METHODS: dict[str, dict] = {
 }
 
 
+# The embedded default inverts 75 per-embedding steps at lr 0.2 with a cosine schedule: it ties 300 steps at the paper's
+# constant 0.03 with a quarter of the UNet passes (issue 19, benchmarks/invert_sweep.json); 75 steps at 0.03 constant
+# lose 2.7 CAS points. So `paper-di` on a generator `thinair pretrain` made (generators/...) puts the 300 steps back;
+# Stable Diffusion's step count (3,000) comes with the dataset presets.
+PAPER_RATE_STEPS = {"invert.steps": 300, "invert.checkpoint_every": 100}
+
+
+def paper_rate_steps(root: str | Path = ".") -> dict:
+    """PAPER_RATE_STEPS when ``<root>/params.yaml`` uses a project-trained generator (``generators/...``), else {}."""
+    import yaml
+
+    path = Path(root) / "params.yaml"
+    raw = yaml.safe_load(path.read_text()) if path.exists() else {}
+    generator = str(((raw or {}).get("base") or {}).get("generator", ""))
+    return dict(PAPER_RATE_STEPS) if generator.startswith("generators/") else {}
+
+
 SEARCH_BEST = "search-best"  # the `search` stage's best trial (data/search/best.json), applied as an experiment
 
 
@@ -142,7 +159,10 @@ def set_args(name: str, root: str | Path = ".") -> list[str]:
         table = {name: search_best(root)}
     if name not in table:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join([*table, SEARCH_BEST])}")
+    params = dict(table[name]["params"])
+    if name == "paper-di":
+        params |= paper_rate_steps(root)
     out = []
-    for key, value in table[name]["params"].items():
+    for key, value in params.items():
         out += ["-S", f"{key}={yaml_value(value)}"]
     return out
