@@ -111,10 +111,11 @@ METHODS: dict[str, dict] = {
 }
 
 
-# The embedded default inverts 75 per-embedding steps at lr 0.2 with a cosine schedule: it ties 300 steps at the paper's
-# constant 0.03 with a quarter of the UNet passes (issue 19, benchmarks/invert_sweep.json); 75 steps at 0.03 constant
-# lose 2.7 CAS points. So `paper-di` on a generator `thinair pretrain` made (generators/...) puts the 300 steps back;
-# Stable Diffusion's step count (3,000) comes with the dataset presets.
+# The embedded default inverts 65 per-embedding steps at lr 0.3 with a cosine schedule from a class warm start: it
+# matches 300 steps at the paper's constant 0.03 with a quarter of the UNet passes (issue 19,
+# benchmarks/invert_sweep.json); 75 steps at 0.03 constant lose 2.7 CAS points. So `paper-di` on a generator
+# `thinair pretrain` made (generators/...) puts the 300 steps back; Stable Diffusion's 3,000 come with the dataset
+# presets.
 PAPER_RATE_STEPS = {"invert.steps": 300, "invert.checkpoint_every": 100}
 
 
