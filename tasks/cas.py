@@ -142,16 +142,18 @@ def _training(params: Params, unit: dict, root: str | Path) -> tuple[str, int, l
     real, test, syn = _inputs(root, job["kind"] == "scaling" or (job["mode"] != "real"
                                                                   and params.cas.synthetic == "pregenerated"))
     n_classes = len(real.class_names)
+    # every training is tested on the same sets, so a scaling study's full-size point is its mode's first-seed run
+    # (same key: trained once, the other one a cache hit)
+    tests = {"test": test}
+    if params.cas.reconstructed_test:
+        tests["reconstructed"] = _reconstructed_cached(params, test, root)
     if job["kind"] == "mode":
-        tests = {"test": test}
-        if params.cas.reconstructed_test:
-            tests["reconstructed"] = _reconstructed_cached(params, test, root)
         return job["mode"], job["seed"], mode_sources(params, job["mode"], real, syn, job["seed"], root), tests, \
             n_classes
     run = scaling_runs(params, real, syn)[job["index"]]
     data = syn if run["mode"] == "synthetic" else real
     sources = [(data.images[run["rows"]], data.labels[run["rows"]], 1.0)]  # only this run's images are copied
-    return _scaling_tag(run), run["seed"], sources, {"test": test}, n_classes
+    return _scaling_tag(run), run["seed"], sources, tests, n_classes
 
 
 def _scaling_tag(run: dict) -> str:

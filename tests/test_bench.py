@@ -121,3 +121,11 @@ def test_vs_diffusers_matches_the_pipeline_images_and_times_every_contender(tiny
     assert rows["thinair"]["unet_evaluations"] == 8 and rows["thinair, guidance interval 0.3-0.8"]["unet_evaluations"] == 6
     assert all(r["images_per_s"] > 0 for r in rows.values())
     assert all(len(v) == 1 and v[0] > 0 for v in result["inversion"].values())
+
+
+def test_classifier_layout_times_both_memory_formats(capsys):
+    assert benchmark_script("classifier_layout").main(["--steps", "1", "--reps", "1", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "ms / step" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| NCHW (contiguous)", "| channels_last"]
+    assert float(rows[0].split(" | ")[2].rstrip("x |")) == 1.0 and float(rows[1].split(" | ")[1]) > 0

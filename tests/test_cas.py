@@ -114,13 +114,18 @@ def test_real_subset_is_stratified_and_seeded():
 def test_seeds_scaling_and_cache(tiny_generator, sampled, caplog):
     tmp_path = sampled  # ingest ... sample done
     params = parse_params(tiny_params(tiny_generator, cas={"seeds": 2, "scale_synthetic": [1, 2],
-                                                           "scale_real": [0.5, 1.0]}))
-    out = run_stage("cas", params, tmp_path)
+                                                           "scale_real": [0.5, 1.0], "reconstructed_test": True}))
+    with caplog.at_level(logging.INFO, logger="thinair"):
+        out = run_stage("cas", params, tmp_path)
     acc = out["accuracy"]
     assert set(acc) == {"real", "synthetic", "real+synthetic"}
     for a in acc.values():
         assert a["n"] == 2 and 0 <= a["mean"] <= 1 and a["std"] >= 0
     details = io.read_json(tmp_path / "data" / "cas" / "details.json")["runs"]
+    # 6 mode runs + 6 scaling points, of which the full-size ones (synthetic x2, and real 1.0: its synthetic-only and
+    # real-only runs) are the seed-0 mode runs: 9 trainings, 3 cache hits
+    assert len(details) == 12 and caplog.text.count(": epoch 1/1 ") == 9
+    caplog.clear()
     seeds = {r["seed"] for r in details if r["kind"] == "mode" and r["mode"] == "real"}
     assert len(seeds) == 2  # two different seeds per mode
     syn = pd.read_csv(tmp_path / "data" / "cas" / "scaling_synthetic.csv")
@@ -132,7 +137,8 @@ def test_seeds_scaling_and_cache(tiny_generator, sampled, caplog):
     with caplog.at_level(logging.INFO, logger="thinair"):
         again = run_stage("cas", params, tmp_path)
     assert again == out
-    assert "epoch" not in caplog.text and caplog.text.count("reused from cache") == len(details)
+    reused = [line for line in caplog.text.splitlines() if "reused from cache" in line and "reconstructed" not in line]
+    assert ": epoch " not in caplog.text and len(reused) == len(details)
 
 
 def test_killed_training_resumes_to_the_same_result(tiny_generator, sampled, monkeypatch, caplog):

@@ -354,6 +354,13 @@ def _feeds(sources, per_batch: list[int], first_step: int) -> dict:
             for i, ((x, _, _), k) in enumerate(zip(sources, per_batch)) if is_stream(x)}
 
 
+def _layout(device) -> torch.memory_format:
+    """The memory format training runs in: channels_last on the CPU, where oneDNN's convolutions, batch norm and
+    max pooling take a smallcnn step on 8 px digits at batch 128 from 11.4 to 8.0 ms (one thread); the GPU keeps
+    PyTorch's default. Same maths, other summation order: results differ from the NCHW ones in the last bits."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.preserve_format
+
+
 def _loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, augment: tuple[str, ...], policy, mixes: list[str],
           gen: torch.Generator, device) -> torch.Tensor:
     """Cross-entropy of `model` on the cropped batch after the `augment` options (soft targets when mixed)."""
@@ -362,9 +369,10 @@ def _loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, augment: tuple[s
     if "cutout" in augment:
         xb = cutout(xb, gen)
     mixed = mix(xb, mixes, gen) if mixes else None
+    fmt = _layout(device)
     if mixed is None:
-        return F.cross_entropy(model(xb.to(device)), yb.to(device))
-    logits = model(mixed[0].to(device))  # (B, n_classes)
+        return F.cross_entropy(model(xb.to(device, memory_format=fmt)), yb.to(device))
+    logits = model(mixed[0].to(device, memory_format=fmt))  # (B, n_classes)
     return F.cross_entropy(logits, soft_targets(yb.to(device), mixed[1], mixed[2], logits.shape[1]))
 
 
@@ -418,7 +426,7 @@ def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, floa
     plan = _plan(sources, batch_size, epochs, warmup_epochs, steps, warmup_steps)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model.to(device).train()
+    model.to(device, memory_format=_layout(device)).train()
     opt = (torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum) if optimizer == "sgd"
            else torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan["total_steps"], plan["warmup_steps"]))
@@ -439,7 +447,7 @@ def train(model: nn.Module, sources: list[tuple[torch.Tensor, torch.Tensor, floa
             on_epoch(epoch + 1, loss.item(), _snapshot(epoch + 1, plan, model, opt, sched, gen, device))
         elif on_epoch is not None:
             on_epoch(epoch + 1, loss.item())
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()  # contiguous weights, as safetensors saves them
 
 
 @torch.no_grad()
