@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from thinair import datasets, io
 from thinair.config import parse_params
@@ -108,3 +109,18 @@ def test_single_class_folder_is_refused_and_nothing_written(tmp_path):
     with pytest.raises(ValueError, match="need at least two"):
         ingest(parse_params({"base": {"dataset": f"folder:{tmp_path / 'ds'}"}}), tmp_path / "proj")
     assert not (tmp_path / "proj" / "data" / "ingest").exists()
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+@pytest.mark.parametrize("size, resolution", [(8, 16), (16, 8), (28, 128), (96, 32)])
+def test_resize_is_torchvisions_bit_for_bit(interpolation, size, resolution):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize as tv_resize
+
+    from thinair.images import resize
+
+    x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(size)) * 2 - 1
+    theirs = tv_resize(x, [resolution, resolution], interpolation=InterpolationMode(interpolation), antialias=True)
+    assert torch.equal(resize(x, resolution, interpolation), theirs)
+    with pytest.raises(ValueError, match="choose one of bicubic, bilinear, nearest"):
+        resize(x, resolution, "lanczos")

@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.functional import resize
+import torch.nn.functional as F
 
-_MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
-          "nearest": InterpolationMode.NEAREST}
+_MODES = ("bicubic", "bilinear", "nearest")
+
+
+def resize(x: torch.Tensor, resolution: int, interpolation: str) -> torch.Tensor:
+    """float ``(N, C, H, W)`` -> ``(N, C, R, R)``: torchvision's tensor ``resize`` (antialiased bicubic / bilinear,
+    plain nearest; bit for bit, tests/test_ingest.py), without importing torchvision, whose import pulls in
+    torch._dynamo: 1.5 s in every worker process a stage starts."""
+    if interpolation not in _MODES:
+        raise ValueError(f"interpolation {interpolation!r}: choose one of {', '.join(_MODES)}")
+    smooth = interpolation != "nearest"
+    return F.interpolate(x, size=[resolution, resolution], mode=interpolation, align_corners=False if smooth else None,
+                         antialias=smooth)
 
 
 def to_model(images: np.ndarray, resolution: int, interpolation: str = "bicubic") -> torch.Tensor:
@@ -18,7 +27,7 @@ def to_model(images: np.ndarray, resolution: int, interpolation: str = "bicubic"
     elif x.shape[1] == 4:
         x = x[:, :3]
     if x.shape[-2:] != (resolution, resolution):
-        x = resize(x, [resolution, resolution], interpolation=_MODES[interpolation], antialias=True)
+        x = resize(x, resolution, interpolation)
     return x.clamp(-1, 1).contiguous()
 
 
@@ -30,7 +39,7 @@ def to_uint8(x: torch.Tensor, resolution: int, channels: int, interpolation: str
     resizes its synthetic images."""
     x = x.float().clamp(-1, 1)
     if x.shape[-2:] != (resolution, resolution):
-        x = resize(x, [resolution, resolution], interpolation=_MODES[interpolation], antialias=True)
+        x = resize(x, resolution, interpolation)
     if channels == 1:
         x = x.mean(dim=1, keepdim=True)
     x = ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
