@@ -2,6 +2,7 @@
 
     python benchmarks/vs_diffusers.py                          # the embedded generator, data/invert's embeddings
     python benchmarks/vs_diffusers.py --interval 0.3-0.7 --reps 5 --device cuda --dtype bfloat16
+    python benchmarks/vs_diffusers.py --interval 0.0-0.3 --fast-steps 8     # + thinair at 8 steps with the interval
 
 Sampling: diffusers' ``StableDiffusionPipeline`` (the generator directory loaded with ``from_pretrained``, no text
 encoder: ``prompt_embeds`` / ``negative_prompt_embeds`` are the learned embeddings and their mean, as the sample
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--resolution", type=int, default=16, help="generation resolution (base.gen_resolution)")
     ap.add_argument("--interval", default="0.3-0.7", help="thinair's guidance interval lo-hi ('' = plain only)")
+    ap.add_argument("--fast-steps", type=int, default=None, help="also time thinair at this many steps with "
+                    "--interval (the steps sweep's fewer-steps setting; its quality is the sweep's, not compared here)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--invert-iters", type=int, default=10)
     ap.add_argument("--device", default="cpu")
@@ -169,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         contenders[name] = lambda: sample_thinair(gen, factory, cond, uncond, lat0, a.guidance, a.steps, a.resolution,
                                                   interval)
         evals[name] = unet_evaluations(factory(), a.steps, interval)
+    if a.fast_steps:
+        name = f"thinair, {a.fast_steps} steps" + (f", guidance interval {a.interval}" if interval else "")
+        contenders[name] = lambda: sample_thinair(gen, factory, cond, uncond, lat0, a.guidance, a.fast_steps,
+                                                  a.resolution, interval)
+        evals[name] = unet_evaluations(factory(), a.fast_steps, interval)
     images = {k: f() for k, f in contenders.items()}  # warm-up, and the images compared
     ref = images["diffusers StableDiffusionPipeline"]
     diff = np.abs(images["thinair"].astype(int) - ref[..., :images["thinair"].shape[-1]].astype(int))

@@ -113,12 +113,13 @@ def test_vs_diffusers_matches_the_pipeline_images_and_times_every_contender(tiny
     out = tmp_path / "vs.json"
     assert benchmark_script("vs_diffusers").main([
         "--generator", str(tiny_generator), "--root", str(tmp_path), "--n", "8", "--steps", "4", "--interval",
-        "0.3-0.8", "--reps", "1", "--invert-iters", "1", "--out", str(out)]) == 0
+        "0.3-0.8", "--fast-steps", "2", "--reps", "1", "--invert-iters", "1", "--out", str(out)]) == 0
     result = read_json(out)
     assert result["max_abs_diff"] <= 1  # thinair's sampler = diffusers' pipeline, to 1/255
     rows = {r["sampler"]: r for r in result["sampling"]}
     assert rows["diffusers StableDiffusionPipeline"]["ratio"] == 1.0
     assert rows["thinair"]["unet_evaluations"] == 8 and rows["thinair, guidance interval 0.3-0.8"]["unet_evaluations"] == 6
+    assert rows["thinair, 2 steps, guidance interval 0.3-0.8"]["unet_evaluations"] in (2, 3, 4)
     assert all(r["images_per_s"] > 0 for r in rows.values())
     assert all(len(v) == 1 and v[0] > 0 for v in result["inversion"].values())
 
