@@ -18,6 +18,8 @@ def test_shipped_params_are_valid_and_name_every_stage():
     assert p.base.dataset == "digits" and p.sample.uncond == "dataset"
     # issue 19's inversion in a quarter of the passes
     assert (p.invert.steps, p.invert.lr, p.invert.lr_schedule, p.invert.warm_start) == (65, 0.3, "cosine", "class")
+    # and its cheaper guidance: 8 DPM-Solver++ steps, guided only at noise levels t/T <= 0.3
+    assert (p.sample.scheduler, p.sample.steps, p.sample.guidance_interval) == ("dpmsolver++", 8, (0.0, 0.3))
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(dvc) == ["ingest", "pretrain", "encode", "invert", "classenc", "search", "sample", "metrics", "cas", "report",
                          "export"]
