@@ -253,7 +253,11 @@ def test_card(project, tmp_path):
     assert "120 images (80 synthetic, 40 real)" in text
     assert "| class | synthetic | real |" in text and "| 3 | 8 | 4 |" in text  # digits: the name is the label
     assert "guidance_scales:" in text and "Method `inversion`" in text
-    assert "1.811" in text and "floor: real test vs real train" in text and "trained on" in text
+    from thinair.card import _cell
+
+    fid = _cell(json.loads((root / "data" / "metrics" / "metrics.json").read_text())["synthetic_vs_train"]["fid"])
+    assert f"| synthetic vs real train | {fid} |" in text  # the project's own figure, as the card rounds it
+    assert "floor: real test vs real train" in text and "trained on" in text
     assert "**FAILED**: a classifier" in text  # the project runs the fit check (warn): a random generator fails it
     assert "thinair export --format hf --where 'guidance>=2' --real" in text and "dvc repro" in text
     assert "git checkout <the revision" in text  # the tiny project is no git checkout
