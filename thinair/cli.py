@@ -229,7 +229,7 @@ def _preset(args) -> int:
     from thinair.presets import set_args
 
     try:
-        sets = set_args(args.name, args.root)
+        sets = set_args(args.name, args.root, args.params)
         overrides = [sets[i + 1] for i in range(0, len(sets), 2)]
         load_params(args.params, overrides)  # a preset must validate like any params file
     except (ValueError, ParamsError) as err:

@@ -119,14 +119,12 @@ METHODS: dict[str, dict] = {
 PAPER_RATE_STEPS = {"invert.steps": 300, "invert.checkpoint_every": 100}
 
 
-def paper_rate_steps(root: str | Path = ".") -> dict:
-    """PAPER_RATE_STEPS when ``<root>/params.yaml`` uses a project-trained generator (``generators/...``), else {}."""
-    import yaml
+def paper_rate_steps(params_file: str | Path) -> dict:
+    """PAPER_RATE_STEPS when `params_file` uses a project-trained generator (``generators/...``), else {}."""
+    from thinair.config import load_params
 
-    path = Path(root) / "params.yaml"
-    raw = yaml.safe_load(path.read_text()) if path.exists() else {}
-    generator = str(((raw or {}).get("base") or {}).get("generator", ""))
-    return dict(PAPER_RATE_STEPS) if generator.startswith("generators/") else {}
+    generator = load_params(params_file).base.generator if Path(params_file).exists() else ""
+    return dict(PAPER_RATE_STEPS) if str(generator).startswith("generators/") else {}
 
 
 SEARCH_BEST = "search-best"  # the `search` stage's best trial (data/search/best.json), applied as an experiment
@@ -153,8 +151,9 @@ def yaml_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def set_args(name: str, root: str | Path = ".") -> list[str]:
-    """``-S key=value`` arguments of `dvc exp run` for preset `name` (values in YAML flow syntax)."""
+def set_args(name: str, root: str | Path = ".", params_file: str | Path | None = None) -> list[str]:
+    """``-S key=value`` arguments of `dvc exp run` for preset `name` (values in YAML flow syntax); `params_file`
+    (default ``<root>/params.yaml``) is the params the preset applies to."""
     table = PRESETS | METHODS | CLASSENC
     if name == SEARCH_BEST:
         table = {name: search_best(root)}
@@ -162,7 +161,7 @@ def set_args(name: str, root: str | Path = ".") -> list[str]:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join([*table, SEARCH_BEST])}")
     params = dict(table[name]["params"])
     if name == "paper-di":
-        params |= paper_rate_steps(root)
+        params |= paper_rate_steps(params_file or Path(root) / "params.yaml")
     out = []
     for key, value in params.items():
         out += ["-S", f"{key}={yaml_value(value)}"]
