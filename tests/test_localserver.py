@@ -96,3 +96,65 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _read_then_write_race(tmp_path, immediate: bool) -> list[str]:
+    """Two connections of one Prefect SQLite configuration: A reads, B writes and commits, then A writes (what
+    the API's slot increment does while another task's state is written). Returns the errors raised."""
+    import asyncio
+
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from prefect.server.database.configurations import AioSqliteConfiguration
+
+    class Config(AioSqliteConfiguration):
+        pass
+
+    if immediate:
+        localserver.immediate_sqlite_transactions(Config)
+    tmp_path.mkdir(parents=True)
+    config = Config(connection_url=f"sqlite+aiosqlite:///{tmp_path / 'race.db'}")
+
+    async def race() -> list[str]:
+        engine = await config.engine()
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql("CREATE TABLE slots (id INTEGER PRIMARY KEY, active INTEGER)")
+            await conn.exec_driver_sql("INSERT INTO slots VALUES (1, 0)")
+        a_has_read, errors = asyncio.Event(), []
+
+        async def a():
+            async with AsyncSession(engine) as s:
+                try:
+                    async with config.begin_transaction(s):
+                        await s.execute(sa.text("SELECT active FROM slots"))
+                        a_has_read.set()
+                        await asyncio.sleep(0.5)  # B writes meanwhile (or waits for A's write lock)
+                        await s.execute(sa.text("UPDATE slots SET active = active + 1"))
+                except sa.exc.OperationalError as e:
+                    errors.append(f"A: {e.orig}")
+
+        async def b():
+            await a_has_read.wait()
+            async with AsyncSession(engine) as s:
+                try:
+                    async with config.begin_transaction(s):
+                        await s.execute(sa.text("UPDATE slots SET active = active + 1"))
+                except sa.exc.OperationalError as e:
+                    errors.append(f"B: {e.orig}")
+
+        await asyncio.gather(a(), b())
+        async with engine.connect() as conn:
+            active = (await conn.exec_driver_sql("SELECT active FROM slots")).scalar()
+        await engine.dispose()
+        return errors if errors else [] if active == 2 else [f"active = {active}, not 2"]
+
+    return asyncio.run(race())
+
+
+def test_the_shared_server_makes_sqlite_wait_instead_of_failing_a_read_then_write(tmp_path):
+    """Prefect's DEFERRED transactions fail at once ("database is locked", answered 503, retried after 2-8 s) when
+    another connection writes between their read and their write; the shared server begins them IMMEDIATE."""
+    deferred = _read_then_write_race(tmp_path / "deferred", immediate=False)
+    assert deferred and "locked" in deferred[0]  # the failure this guards against is real on this SQLite
+    assert _read_then_write_race(tmp_path / "immediate", immediate=True) == []
