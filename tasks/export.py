@@ -1,6 +1,7 @@
 """`export` (optional): the synthetic dataset as files other tools load, versioned by DVC like every stage output.
 
-Off by default: with ``export.format: null`` the stage writes only ``data/export/manifest.json`` saying so (as
+Off by default: with ``export.format: null`` the stage writes only ``data/export/manifest.json`` saying so, and
+`thinair export` does that without starting Prefect (thinair/skips.py, as
 `search` does with ``search.trials: 0``). With a format it writes ``data/export/`` exactly as ``thinair export``
 writes an export with the same options (thinair/formats.py: ``export.where``, ``real``, ``limit``, ``per_class``,
 ``seed`` and ``shard_size`` are its ``--where`` ... ``--shard-size``), dataset card (``README.md``) included, then
@@ -16,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from thinair import formats, io, paths
+from thinair import formats, io, paths, skips
 from thinair.config import Export, Params
 from thinair.generator import generator_identity
 from thinair.upstream import inputs_digest
@@ -62,16 +63,13 @@ def export(params: Params, root: str | Path = ".") -> dict:
     manifest."""
     e, work = params.export, paths.work_dir(STAGE, root)
     shutil.rmtree(work, ignore_errors=True)  # what a killed run left
+    if (manifest := skips.write_if_skipped(STAGE, params, root)) is not None:
+        return manifest
     work.mkdir(parents=True)
     new = work / "next"
-    if e.format is None:
-        new.mkdir()
-        manifest = {"ran": False, "why": "export.format is null; run `dvc exp run -S export.format=imagefolder` "
-                                         "(or hf, webdataset) to export"}
-    else:
-        summary = write(params, new, root)
-        manifest = {"ran": True, "format": e.format, "images": summary["images"], "synthetic": summary["synthetic"],
-                    "real": summary["real"], "options": e.model_dump(mode="json"), "command": command(e)}
+    summary = write(params, new, root)
+    manifest = {"ran": True, "format": e.format, "images": summary["images"], "synthetic": summary["synthetic"],
+                "real": summary["real"], "options": e.model_dump(mode="json"), "command": command(e)}
     io.write_json(new / io.MANIFEST, manifest)
     replace_dir(new, paths.stage_dir(STAGE, root))
     shutil.rmtree(work, ignore_errors=True)

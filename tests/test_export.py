@@ -390,6 +390,12 @@ def test_export_stage_from_the_cli(project, tmp_path, capsys):
     assert main(["--params", f, "--root", str(root), "export", "--real", "--where", "checkpoint=-1"]) == 2
     err = capsys.readouterr().err
     assert "--where, --real need an OUT folder" in err and "-S export.where=" in err
+    (root / "data" / "export").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "export" / "old.png").write_bytes(b"an earlier export")
+    assert main(["--params", f, "--root", str(root), "export"]) == 0  # off (the default): no Prefect, about a second
+    assert "nothing to do; Prefect not started" in capsys.readouterr().out
+    assert sorted(p.name for p in (root / "data" / "export").iterdir()) == ["manifest.json"]
+    assert "export.format is null" in json.loads((root / "data" / "export" / "manifest.json").read_text())["why"]
 
 
 def test_export_stage_runs_as_a_cached_flow(prefect_server, project, capsys):

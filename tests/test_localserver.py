@@ -158,3 +158,19 @@ def test_the_shared_server_makes_sqlite_wait_instead_of_failing_a_read_then_writ
     deferred = _read_then_write_race(tmp_path / "deferred", immediate=False)
     assert deferred and "locked" in deferred[0]  # the failure this guards against is real on this SQLite
     assert _read_then_write_race(tmp_path / "immediate", immediate=True) == []
+
+
+def test_a_single_unit_stage_runs_on_a_thread_a_chunked_one_on_worker_processes(tiny_generator, tmp_path):
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    from thinair.units import run_local
+
+    raw = tiny_params(tiny_generator)
+    raw["base"]["task_runner"] = "process"
+    params = parse_params(raw)
+    run_local("ingest", params, tmp_path)
+    for stage in ("metrics", "report", "export"):  # one unit each: a worker process would only cost its start
+        assert launch.single_unit(stage, params, tmp_path), stage
+        assert isinstance(launch.task_runner_for(stage, params, tmp_path), ThreadPoolTaskRunner), stage
+    assert not launch.single_unit("encode", params, tmp_path)  # two chunks, not cached: worker processes
+    assert isinstance(launch.task_runner_for("encode", params, tmp_path), ProcessPoolTaskRunner)

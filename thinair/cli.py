@@ -86,7 +86,7 @@ def _export_arguments(sub) -> None:
                     "files to this Hugging Face dataset repo (needs network and a token; never done otherwise)")
 
 
-SKIPPABLE = ("classenc", "search")  # stages that may have nothing to do (thinair/skips.py)
+SKIPPABLE = ("classenc", "search", "export")  # stages that may have nothing to do (thinair/skips.py)
 # Stages whose outputs end in `metrics`: each checks the metric features are available before it starts.
 EVALUATED_BY_METRICS = ("check", "ingest", "encode", "invert", "sample", "metrics")
 

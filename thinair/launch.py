@@ -6,9 +6,11 @@
   (or a shared server that cannot start) gives the command Prefect's own temporary server, shared with its worker
   processes. Either way the worker processes are pointed at it through ``PREFECT_API_URL``, and they reclaim killed
   runs' device slots there (thinair/devices.py): neither server runs Prefect's lease repossessor.
-* **The task runner.** ``base.task_runner``, except that a stage whose every unit already has a verified cached
-  result runs its tasks on threads: worker processes would start (seconds each: torch, Prefect) only to find the
-  results there. The tasks, their ``Cached`` states and the outputs are the same.
+* **The task runner.** ``base.task_runner``, except that two kinds of stage run their tasks on threads of the
+  command's own process, where a worker process would cost a start (3-5 s on 2 cores: torch, Prefect, the flow's
+  pool shutting down) for nothing: a stage whose every unit already has a verified cached result (the worker would
+  only find it there), and, with the ``process`` runner, a stage of a single unit (``ingest``, ``metrics``,
+  ``report``, ``export``: nothing to run beside it). The tasks, their states and the outputs are the same.
 
 Reads the stage's cached task records (``.thinair/prefect/results``); writes nothing but what the shared server
 writes.
@@ -116,12 +118,30 @@ def every_unit_cached(stage: str, params, root: str | Path = ".") -> bool:
     return True
 
 
+def single_unit(stage: str, params, root: str | Path = ".") -> bool:
+    """Whether `stage` runs exactly one task (its inputs must be there to tell: False otherwise)."""
+    from thinair import units
+    from thinair.errors import ThinairError
+
+    mod = units.stage_module(stage)
+    if not hasattr(mod, "units"):  # pretrain: not a unit stage
+        return False
+    try:
+        return len(mod.units(params, root)) == 1
+    except (ThinairError, OSError, ValueError):  # missing inputs and the like: the flow says so in its own words
+        return False
+
+
 def task_runner_for(stage: str, params, root: str | Path = "."):
-    """The stage's Prefect task runner: ``base.task_runner``, or threads when every unit is cached."""
+    """The stage's Prefect task runner: ``base.task_runner``, or threads when every unit is cached or (with the
+    process runner) when the stage has a single unit."""
     from thinair.orchestration import task_runner
 
     b = params.base
     if b.task_runner != "thread" and every_unit_cached(stage, params, root):
         log.debug("%s: every unit is cached: its tasks run on threads, without worker processes", stage)
+        return task_runner(b.workers, "thread")
+    if b.task_runner == "process" and single_unit(stage, params, root):
+        log.debug("%s: one unit: its task runs on a thread of this process, without a worker process", stage)
         return task_runner(b.workers, "thread")
     return task_runner(b.workers, b.task_runner, b.cluster_address)

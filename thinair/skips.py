@@ -1,8 +1,9 @@
 """Stages with nothing to compute under the current params, and what they write then: their manifest alone.
 
-`classenc` trains only for ``sample.method: class_encoder``; `search` searches only when ``search.trials > 0``.
+`classenc` trains only for ``sample.method: class_encoder``; `search` searches only when ``search.trials > 0``;
+`export` exports only when ``export.format`` is set.
 Otherwise the stage writes ``data/<stage>/manifest.json`` saying why (and removes what an earlier run left there).
-The stage code (tasks/classenc.py, tasks/search.py) and `thinair <stage>` both call :func:`write_if_skipped`; the
+The stage code (tasks/classenc.py, tasks/search.py, tasks/export.py) and `thinair <stage>` both call :func:`write_if_skipped`; the
 command does so before it starts Prefect or loads a model, so a skipped stage of ``dvc repro`` costs about a second.
 Imports no torch, on purpose. Writes ``data/<stage>/`` only.
 """
@@ -21,6 +22,9 @@ def skipped(stage: str, params: Params) -> dict | None:
         return {"trained": False, "reason": f"sample.method is {params.sample.method!r}, not 'class_encoder'"}
     if stage == "search" and params.search.trials == 0:
         return {"ran": False, "why": "search.trials is 0; run `dvc exp run -S search.trials=20` to search"}
+    if stage == "export" and params.export.format is None:
+        return {"ran": False, "why": "export.format is null; run `dvc exp run -S export.format=imagefolder` "
+                                     "(or hf, webdataset) to export"}
     return None
 
 
