@@ -27,7 +27,7 @@ from thinair import io, paths
 from thinair.config import Params, real_ratio
 from thinair.devices import current_device
 from thinair.diffusion import reconstruct
-from thinair.generator import generator_for, runtime_key
+from thinair.generator import generator_for, generator_identity, runtime_key
 from thinair.draws import stream
 from thinair.training import train_and_test, training_parts
 from thinair.units import Checkpoint, cached, code_key, content_key
@@ -123,15 +123,15 @@ def _inputs(root: str | Path, synthetic: bool) -> tuple[LabelledImages, Labelled
 
 
 def units(params: Params, root: str | Path = ".") -> list[dict]:
-    """One unit per training: every mode x seed (wave 0), then the scaling studies' points (wave 1: their full-size
-    points are the same trainings as mode runs and come from the cache)."""
+    """One unit per training: every mode x seed, then the scaling studies' points (their full-size points are the
+    same trainings as mode runs: same key, so the flow runs them after those and takes them from the cache)."""
     p = params.cas
-    out = [{"name": f"{m.replace(':', 'to')}-seed{s}", "wave": 0, "job": {"kind": "mode", "mode": m, "seed": s}}
+    out = [{"name": f"{m.replace(':', 'to')}-seed{s}", "job": {"kind": "mode", "mode": m, "seed": s}}
            for m in trained_modes(params) for s in run_seeds(params, m)]
     if p.scale_synthetic or p.scale_real:
         real, _, syn = _inputs(root, True)
         for i, run in enumerate(scaling_runs(params, real, syn)):
-            out.append({"name": f"scaling-{i}", "wave": 1, "job": {"kind": "scaling", "index": i},
+            out.append({"name": f"scaling-{i}", "job": {"kind": "scaling", "index": i},
                         "run": {k: run[k] for k in ("study", "x", "mode", "images", "seed")}})
     return [u | {"file": "result.json", "publish": False} for u in out]
 
@@ -166,6 +166,15 @@ def key(params: Params, unit: dict, root: str | Path = ".") -> list:
     return training_parts(params, seed, sources, tests)
 
 
+def cost(params: Params, unit: dict, root: str | Path = ".") -> float:
+    """A training's relative cost, its training images (the flow starts the longest trainings first)."""
+    _, _, sources, _, _ = _training(params, unit, root)
+    try:
+        return float(sum(len(images) for images, _, _ in sources))
+    except TypeError:  # an on-the-fly stream has no length: as long as the real split
+        return float(len(_inputs(root, False)[0].labels) * len(sources))
+
+
 def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> None:
     tag, seed, sources, tests, n_classes = _training(params, unit, root)
     train_and_test(params, tag, seed, sources, tests, n_classes, out, Checkpoint(STAGE, unit["key"], root))
@@ -184,9 +193,11 @@ def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
 
 
 def _reconstructed_cached(params: Params, test: LabelledImages, root) -> LabelledImages:
+    """The reconstructed test split (cached on the generator, the runtime settings and the images)."""
     b = params.base
-    gen_model, _ = generator_for(b)
-    key = content_key(STAGE, "reconstructed", code_key(__name__), gen_model.identity, runtime_key(b),
+    # the generator's identity without loading it: the flow computes every unit's key (and the workers their
+    # trainings) without importing diffusers (~8 s of CPU a process here); only a cache miss loads the VAE
+    key = content_key(STAGE, "reconstructed", code_key(__name__), generator_identity(b), runtime_key(b),
                       b.gen_resolution, params.encode.interpolation, test.images)
     f = cached(STAGE, key, "test.npz", lambda out: io.save_npz(out, images=reconstructed(params, test).images), root,
                "cas reconstructed test")

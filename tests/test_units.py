@@ -205,3 +205,17 @@ def test_every_finished_unit_is_a_progress_line_with_an_eta(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("invert: chunk-000 done (1/3, 33 %) — ETA ")
     assert lines[2] == "invert: chunk-002 done (3/3, 100 %)"
+
+
+def test_schedule_runs_repeated_keys_later_and_the_costliest_units_first():
+    import types
+
+    from thinair.units import schedule
+
+    units = [{"name": n, "cost": c} for n, c in (("a", 1), ("b", 5), ("c", 3), ("a-again", 9), ("d", 5))]
+    keys = ["ka", "kb", "kc", "ka", "kd"]
+    plain = types.SimpleNamespace()  # a stage that says nothing of costs: its own order
+    assert schedule(plain, None, units, keys) == [[0, 1, 2, 4], [3]]
+    costed = types.SimpleNamespace(cost=lambda params, unit, root: unit["cost"])
+    assert schedule(costed, None, units, keys) == [[1, 4, 2, 0], [3]]  # equal costs keep the stage's order
+    assert schedule(plain, None, units[:1] * 3, ["k"] * 3) == [[0], [1], [2]]  # each repeat after the one before

@@ -326,10 +326,35 @@ def fan_out(task, calls: list[tuple], root, what: str, names: list[str] | None =
     return [f.result() for f in futures]
 
 
+def schedule(mod, params, units: list[dict], keys: list[str], root: str | Path = ".") -> list[list[int]]:
+    """The waves a stage's units run in, as unit indices in submission order.
+
+    A unit whose key an earlier unit has is the same work (e.g. a scaling study's full-size point and its mode's
+    run): it waits for a later wave, where it is that unit's cache hit, instead of computing it again beside it.
+    Every other unit is in the first wave. Within a wave the costliest units go first when the stage says what a
+    unit costs (``cost(params, unit, root)``, any relative figure): the workers then end together on short units
+    instead of one of them idling through a long unit submitted last. Order changes no result: every unit is
+    seeded by its key."""
+    seen: dict[str, int] = {}
+    waves: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        seen[k] = seen.get(k, -1) + 1
+        waves.setdefault(seen[k], []).append(i)
+    cost = getattr(mod, "cost", None)
+    out = []
+    for w in sorted(waves):
+        mine = waves[w]
+        if cost is not None:
+            costs = {i: cost(params, units[i], root) for i in mine}
+            mine = sorted(mine, key=lambda i: -costs[i])  # stable: equal costs keep the stage's order
+        out.append(mine)
+    return out
+
+
 def run_flow(stage: str, params, root: str | Path = "."):
     """Run a stage inside the current Prefect flow: one task per unit (a device slot each, retried, a cache hit
-    when its key is unchanged), in waves (``unit["wave"]``: a later wave may reuse an earlier one's cache), then
-    ``finish``. Returns what ``finish`` returns."""
+    when its key is unchanged), in waves (:func:`schedule`: a unit that repeats an earlier one's key waits for it
+    and reuses its cache), then ``finish``. Returns what ``finish`` returns."""
     from thinair.devices import ensure_limit
 
     mod = stage_module(stage)
@@ -338,9 +363,9 @@ def run_flow(stage: str, params, root: str | Path = "."):
     units = mod.units(params, root)
     keys = [unit_key(mod, params, u, root) for u in units]
     records: list = [None] * len(units)
-    for wave in sorted({u.get("wave", 0) for u in units}):
-        mine = [i for i, u in enumerate(units) if u.get("wave", 0) == wave]
-        what = stage if len({u.get("wave", 0) for u in units}) == 1 else f"{stage}-wave{wave}"
+    waves = schedule(mod, params, units, keys, root)
+    for wave, mine in enumerate(waves):
+        what = stage if len(waves) == 1 else f"{stage}-wave{wave}"
         done = fan_out(unit_task(mod.STAGE), [(mod.STAGE, params, units[i], str(root), keys[i]) for i in mine],
                        root, what, [f"{mod.STAGE}-{units[i]['name']}" for i in mine])
         for i, r in zip(mine, done):
