@@ -353,3 +353,16 @@ def test_resume_accepts_a_checkpoint_from_before_total_steps_were_recorded():
     _train(C.build("smallcnn", 1, 3, 8, width=4), sources, epochs=2, on_epoch=lambda e, loss, s: states.setdefault(e, s))
     old = {k: v for k, v in states[1].items() if k not in ("total_steps", "warmup_steps")}
     _train(C.build("smallcnn", 1, 3, 8, width=4), sources, epochs=2, resume=old)
+
+
+def test_a_default_training_process_imports_neither_torchvision_nor_diffusers():
+    """torchvision's import (torch._dynamo with it) and diffusers' cost 2 s and 8 s of CPU in every CAS worker here;
+    a training without AutoAugment-style policies, and the cas stage's keys, need neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from thinair.augment import make_policy; from thinair.tasks import cas; "
+            "assert make_policy([]) is None and make_policy(['cutout']) is None; "
+            "print(sorted(m for m in ('torchvision', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

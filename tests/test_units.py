@@ -218,4 +218,4 @@ def test_schedule_runs_repeated_keys_later_and_the_costliest_units_first():
     assert schedule(plain, None, units, keys) == [[0, 1, 2, 4], [3]]
     costed = types.SimpleNamespace(cost=lambda params, unit, root: unit["cost"])
     assert schedule(costed, None, units, keys) == [[1, 4, 2, 0], [3]]  # equal costs keep the stage's order
-    assert schedule(plain, None, units[:1] * 3, ["k"] * 3) == [[0], [1], [2]]  # each repeat after the one before
+    assert schedule(plain, None, units[:1] * 3, ["k"] * 3) == [[0], [1, 2]]  # repeats: after the first, together

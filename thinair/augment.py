@@ -56,8 +56,10 @@ def make_policy(names) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """torchvision v2 AutoAugment (CIFAR-10 policy) / RandAugment / AugMix, composed in that order.
 
     They act on one uint8 (C, H, W) image, C = 1 or 3 (v2 supports grayscale: colour ops leave it as is).
-    None when `names` selects none of them.
+    None when `names` selects none of them (then torchvision is not imported: 2 s of CPU per training process).
     """
+    if not any(n in names for n in _POLICIES):
+        return None
     from torchvision.transforms import v2
 
     ops = {"autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),

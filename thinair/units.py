@@ -330,16 +330,16 @@ def schedule(mod, params, units: list[dict], keys: list[str], root: str | Path =
     """The waves a stage's units run in, as unit indices in submission order.
 
     A unit whose key an earlier unit has is the same work (e.g. a scaling study's full-size point and its mode's
-    run): it waits for a later wave, where it is that unit's cache hit, instead of computing it again beside it.
+    run): it waits for the second wave, where it is that unit's cache hit, instead of computing it again beside it.
     Every other unit is in the first wave. Within a wave the costliest units go first when the stage says what a
     unit costs (``cost(params, unit, root)``, any relative figure): the workers then end together on short units
     instead of one of them idling through a long unit submitted last. Order changes no result: every unit is
     seeded by its key."""
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
     waves: dict[int, list[int]] = {}
     for i, k in enumerate(keys):
-        seen[k] = seen.get(k, -1) + 1
-        waves.setdefault(seen[k], []).append(i)
+        waves.setdefault(int(k in seen), []).append(i)
+        seen.add(k)
     cost = getattr(mod, "cost", None)
     out = []
     for w in sorted(waves):
