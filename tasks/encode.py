@@ -3,9 +3,10 @@
 Reads ``data/ingest`` (train split) and the generator's VAE. Writes
 ``data/encode/train-NNNNN.safetensors`` per chunk of ``base.chunk_size`` images (keys ``mean`` and
 ``logvar`` of the diagonal Gaussian posterior, (n, 4, h, w) float32, so inversion re-samples a latent
-every step; ``labels`` and ``index`` (n,) int64), ``data/encode/fit.json`` (the generator-fit check, unless
-``encode.fit_check: off``) and ``data/encode/manifest.json`` (written last). Units are the chunks, cached by content
-(thinair/units.py), and so is the fit check's record.
+every step; ``labels`` and ``index`` (n,) int64; the generator's identity, VAE scaling factor and downsampling factor
+in its metadata), ``data/encode/fit.json`` (the generator-fit check, unless ``encode.fit_check: off``) and
+``data/encode/manifest.json`` (written last). Units are the fit check (first: it trains a classifier, the longest
+unit) and the chunks, each cached by content (thinair/units.py); the flow's own process never loads the generator.
 
 The fit check asks whether the generator can represent this dataset at all, before hours of inversion: its
 autoencoder reconstructs the real test images (at most ``FIT_IMAGES``, a seeded draw) and the domain classifier
@@ -30,7 +31,7 @@ from thinair.diffusion import check_resolution, encode_images, reconstruct
 from thinair.domain import accuracy, domain_classifier
 from thinair.errors import GeneratorMisfit
 from thinair.generator import generator_for, generator_identity, runtime_key
-from thinair.units import cached, clean_dir, code_key, content_key
+from thinair.units import clean_dir
 from thinair.upstream import chunk_ranges, inputs_digest, memoized, read_split
 
 STAGE = "encode"
@@ -45,21 +46,30 @@ def _train(root: str | Path):
 
 
 def units(params: Params, root: str | Path = ".") -> list[dict]:
-    """One unit per chunk of ``base.chunk_size`` train images."""
+    """The fit check (unless ``encode.fit_check: off``), then one unit per chunk of ``base.chunk_size`` train
+    images."""
     ranges = chunk_ranges(len(_train(root).labels), params.base.chunk_size)
-    return [{"name": f"chunk-{i:03d}", "chunk": i, "start": s, "end": e,
-             "file": paths.chunk_name("train", i, "safetensors")} for i, (s, e) in enumerate(ranges)]
+    fit = [{"name": "fit-check", "fit": True, "file": FIT}] if params.encode.fit_check != "off" else []
+    return fit + [{"name": f"chunk-{i:03d}", "chunk": i, "start": s, "end": e,
+                   "file": paths.chunk_name("train", i, "safetensors")} for i, (s, e) in enumerate(ranges)]
 
 
 def key(params: Params, unit: dict, root: str | Path = ".") -> list:
-    """Everything that determines one chunk's latents besides code: generator, resolution, resize, its images."""
+    """Everything that determines one chunk's latents besides code: generator, resolution, resize, its images. The
+    fit check: the generator, seed, resolution, encode and classifier params, and the ingested data."""
     b, p = params.base, params.encode
+    if unit.get("fit"):
+        return ["fit", generator_identity(b), runtime_key(b), b.generator, b.seed, b.gen_resolution,
+                p.model_dump(mode="json"), params.metrics.feature_epochs, inputs_digest(root, "ingest")]
     return [generator_identity(b), runtime_key(b), b.gen_resolution, p.interpolation,
             _train(root).images[unit["start"]:unit["end"]]]
 
 
 def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", device=None) -> None:
     b, p = params.base, params.encode
+    if unit.get("fit"):
+        io.write_json(out, fit_check(params, root, device))
+        return
     train, s, e = _train(root), unit["start"], unit["end"]
     gen_model, device = generator_for(b, unit["chunk"], device)
     check_resolution(b.gen_resolution, gen_model.vae_factor)
@@ -67,10 +77,12 @@ def compute(params: Params, unit: dict, out: Path, root: str | Path = ".", devic
                                                                p.interpolation, bs, device),
                         f"encode chunk {unit['chunk']}")
     io.save_tensors(out, post | {"labels": torch.from_numpy(train.labels[s:e]),
-                                 "index": torch.arange(s, e, dtype=torch.int64)})
+                                 "index": torch.arange(s, e, dtype=torch.int64)},
+                    metadata={"generator": gen_model.identity, "scaling_factor": gen_model.scaling_factor,
+                              "vae_factor": gen_model.vae_factor})
 
 
-def fit_check(params: Params, root: str | Path = ".") -> dict:
+def fit_check(params: Params, root: str | Path = ".", device=None) -> dict:
     """How much of the real test images the generator's autoencoder keeps: pixel error, and the domain
     classifier's accuracy on reconstructions vs originals. Returns the record written to fit.json."""
     b, p = params.base, params.encode
@@ -79,7 +91,7 @@ def fit_check(params: Params, root: str | Path = ".") -> dict:
     if len(rows) > FIT_IMAGES:
         rows = np.sort(np.random.default_rng(io.seed_for(b.seed, STAGE, "fit")).choice(rows, FIT_IMAGES, replace=False))
     images, labels = test.images[rows], test.labels[rows]
-    gen_model, device = generator_for(b, device=current_device(b))
+    gen_model, device = generator_for(b, device=device if device is not None else current_device(b))
     rec = reconstruct(gen_model.vae, images, b.gen_resolution, p.interpolation, p.batch_size, device)
     net = domain_classifier(train.images, train.labels, len(train.class_names), params.metrics.feature_epochs,
                             b.seed, root)
@@ -105,18 +117,6 @@ def fit_check(params: Params, root: str | Path = ".") -> dict:
     return fit
 
 
-def cached_fit_check(params: Params, root: str | Path = ".") -> dict:
-    """:func:`fit_check`'s record, computed once per code, generator, images and params: a re-run of encode whose
-    chunks are all cached neither reloads the autoencoder's test reconstructions nor the classifier."""
-    b = params.base
-    key = content_key("fit", code_key(__name__), generator_identity(b), runtime_key(b), b.generator, b.seed,
-                      b.gen_resolution, params.encode.model_dump(mode="json"), params.metrics.feature_epochs,
-                      inputs_digest(root, "ingest"))
-    made = cached(STAGE, key, FIT, lambda tmp: io.write_json(tmp, fit_check(params, root)), root,
-                  "generator-fit check")
-    return io.read_json(made)
-
-
 def misfit_message(fit: dict, generator: str) -> str:
     return (f"the generator {generator!r} cannot represent this dataset ({fit['dataset']}): a classifier trained on "
             f"the real train images labels {100 * fit['accuracy_originals']:.1f} % of real test images right but only "
@@ -130,16 +130,17 @@ def misfit_message(fit: dict, generator: str) -> str:
 
 
 def finish(params: Params, records: list[dict], root: str | Path = ".") -> dict:
-    gen_model, _ = generator_for(params.base)
+    """The manifest (the VAE's facts from the first chunk's metadata: this process loads no generator); stops on a
+    failed fit check when ``encode.fit_check: fail``."""
     out = paths.stage_dir(STAGE, root)
-    chunks = [{k: r["unit"][k] for k in ("file", "start", "end")} for r in records]
-    manifest = {"generator": gen_model.identity, "scaling_factor": gen_model.scaling_factor,
-                "vae_factor": gen_model.vae_factor, "resolution": params.base.gen_resolution, "chunks": chunks}
+    chunks = [{k: r["unit"][k] for k in ("file", "start", "end")} for r in records if "chunk" in r["unit"]]
+    vae = io.load_metadata(out / chunks[0]["file"])
+    manifest = {"generator": vae["generator"], "scaling_factor": vae["scaling_factor"],
+                "vae_factor": vae["vae_factor"], "resolution": params.base.gen_resolution, "chunks": chunks}
     written = {c["file"] for c in chunks} | {io.MANIFEST}
     fit = None
     if params.encode.fit_check != "off":
-        fit = cached_fit_check(params, root)
-        io.write_json(out / FIT, fit)
+        fit = io.read_json(out / FIT)
         written.add(FIT)
         manifest["fit"] = {k: fit[k] for k in ("ok", "ratio", "accuracy_originals", "accuracy_reconstructions")}
     clean_dir(out, written)
