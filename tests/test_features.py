@@ -102,3 +102,23 @@ def test_unknown_or_incomplete_kinds():
         build("domain")
     with pytest.raises(TypeError, match="features"):
         domain_extractor(torch.nn.Linear(2, 2))
+
+
+def test_the_domain_classifier_is_the_same_whatever_the_thread_count(tmp_path):
+    """Trained with 2 threads its weights differed from 1 thread's (and with them every domain metric): the
+    measuring instrument must not depend on the machine, or on which stage (encode's worker, metrics) trains it."""
+    from thinair.domain import domain_classifier
+
+    rng = np.random.default_rng(0)
+    images, labels = _images(300, 8, 8, 1), rng.integers(0, 3, 300)
+    threads = torch.get_num_threads()
+    nets = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            nets.append(domain_classifier(images, labels, 3, 3, 0, tmp_path / f"t{n}").state_dict())
+            assert torch.get_num_threads() == n  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(threads)
+    for k in nets[0]:
+        torch.testing.assert_close(nets[0][k], nets[1][k], rtol=0, atol=0)
