@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _measure(args, where: Path) -> dict:
     proj = make_project(where)
-    env = dict(os.environ, PREFECT_HOME=str(where / "prefect-home"), THINAIR_SERVER_IDLE_SECONDS="20",
+    # the shared server must outlive a "before" command (20-30 s) between two "after" ones, as it outlives the
+    # ~1 s between two stages of a dvc repro; with a 20 s idle time every "after" paid a server start (5-8 s)
+    env = dict(os.environ, PREFECT_HOME=str(where / "prefect-home"), THINAIR_SERVER_IDLE_SECONDS="120",
                DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("PREFECT_API_URL", None)
     after = [sys.executable, "-m", "thinair.cli"]
