@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from thinair.devices import one_thread
+
 AUGMENTS = ("autoaugment", "randaugment", "augmix", "cutout", "mixup", "cutmix")
 _POLICIES = ("autoaugment", "randaugment", "augmix")  # per-image torchvision v2 ops on uint8 images
 _MIXES = ("mixup", "cutmix")  # batch-level, soft targets
@@ -76,14 +78,9 @@ def apply_policy(x: torch.Tensor, policy, gen: torch.Generator) -> torch.Tensor:
     """
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
     u = _to_uint8(x.cpu())  # (B, C, H, W) uint8
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), one_thread():
         torch.manual_seed(seed)
-        torch.set_num_threads(1)
-        try:
-            u = torch.stack([policy(img) for img in u])
-        finally:
-            torch.set_num_threads(threads)
+        u = torch.stack([policy(img) for img in u])
     return _from_uint8(u).to(x.device, x.dtype)
 
 def cutout_side(h: int, w: int) -> int:

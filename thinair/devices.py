@@ -162,6 +162,17 @@ def set_threads(base) -> None:
         torch.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one torch intra-op thread, then give the caller's setting back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def is_oom(err: BaseException) -> bool:
     """A device out-of-memory error (CUDA, MPS or a CPU allocation failure)."""
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from thinair import classifier, io
+from thinair.devices import one_thread
 from thinair.units import cached, code_key, content_key
 
 CACHE = "domain"
@@ -35,14 +36,10 @@ def domain_classifier(train_images: np.ndarray, train_labels: np.ndarray, n_clas
         # one intra-op thread on the CPU: with 2 threads the weights differ from 1 thread's by up to 0.45 (summation
         # order, amplified by training), and with them every domain metric (FID 2.6 vs 2.8 on the default run); the
         # feature network is a measuring instrument, so it is the same whatever the machine or stage trains it
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             classifier.train(net, [(classifier.to_tensor(train_images), torch.from_numpy(train_labels), 1.0)],
                              **budget, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
                              warmup_epochs=1, padding=1, flip=False, seed=net_seed)
-        finally:
-            torch.set_num_threads(threads)
         save_file(net.state_dict(), str(out))
 
     net.load_state_dict(load_file(str(cached(CACHE, key, "classifier.safetensors", fit, root, "domain classifier"))))

@@ -97,18 +97,35 @@ def share_temporary_server() -> None:
     os.environ[TEMPORARY_SERVER_ENV] = server.api_url  # so they still reclaim killed runs' device slots
 
 
-def every_unit_cached(stage: str, params, root: str | Path = ".") -> bool:
-    """Whether every unit of `stage` has a cached task record whose outputs verify (what its task would find)."""
-    from thinair import paths, units
+def _units(stage: str, params, root: str | Path = ".") -> list[dict] | None:
+    """`stage`'s units, or None when it is not a unit stage (pretrain) or cannot list them yet (missing inputs and
+    the like: the flow says so in its own words)."""
+    from thinair import units
     from thinair.errors import ThinairError
 
     mod = units.stage_module(stage)
-    if not hasattr(mod, "units"):  # pretrain: not a unit stage
+    if not hasattr(mod, "units"):
+        return None
+    try:
+        return mod.units(params, root)
+    except (ThinairError, OSError, ValueError):
+        return None
+
+
+def every_unit_cached(stage: str, params, root: str | Path = ".", stage_units: list[dict] | None = None) -> bool:
+    """Whether every unit of `stage` (`stage_units`, when the caller has them) has a cached task record whose
+    outputs verify (what its task would find)."""
+    from thinair import paths, units
+    from thinair.errors import ThinairError
+
+    stage_units = stage_units if stage_units is not None else _units(stage, params, root)
+    if stage_units is None:
         return False
+    mod = units.stage_module(stage)
     try:
         with warnings.catch_warnings():  # a dropped record's warning, outside a flow run: Prefect's API handler
             warnings.simplefilter("ignore", UserWarning)  # warns that it cannot send it; the log line stays
-            for unit in mod.units(params, root):
+            for unit in stage_units:
                 key = units.unit_key(mod, params, unit, root)
                 stored = units.verified_key(mod.STAGE, None, {"root": str(root), "unit": unit, "key": key})
                 if not (paths.prefect_results(root) / stored).is_file():
@@ -120,16 +137,8 @@ def every_unit_cached(stage: str, params, root: str | Path = ".") -> bool:
 
 def single_unit(stage: str, params, root: str | Path = ".") -> bool:
     """Whether `stage` runs exactly one task (its inputs must be there to tell: False otherwise)."""
-    from thinair import units
-    from thinair.errors import ThinairError
-
-    mod = units.stage_module(stage)
-    if not hasattr(mod, "units"):  # pretrain: not a unit stage
-        return False
-    try:
-        return len(mod.units(params, root)) == 1
-    except (ThinairError, OSError, ValueError):  # missing inputs and the like: the flow says so in its own words
-        return False
+    stage_units = _units(stage, params, root)
+    return stage_units is not None and len(stage_units) == 1
 
 
 def task_runner_for(stage: str, params, root: str | Path = "."):
@@ -138,10 +147,13 @@ def task_runner_for(stage: str, params, root: str | Path = "."):
     from thinair.orchestration import task_runner
 
     b = params.base
-    if b.task_runner != "thread" and every_unit_cached(stage, params, root):
+    if b.task_runner == "thread":
+        return task_runner(b.workers, "thread")
+    stage_units = _units(stage, params, root)
+    if stage_units is not None and every_unit_cached(stage, params, root, stage_units):
         log.debug("%s: every unit is cached: its tasks run on threads, without worker processes", stage)
         return task_runner(b.workers, "thread")
-    if b.task_runner == "process" and single_unit(stage, params, root):
+    if b.task_runner == "process" and stage_units is not None and len(stage_units) == 1:
         log.debug("%s: one unit: its task runs on a thread of this process, without a worker process", stage)
         return task_runner(b.workers, "thread")
     return task_runner(b.workers, b.task_runner, b.cluster_address)

@@ -3,8 +3,9 @@
 `classenc` trains only for ``sample.method: class_encoder``; `search` searches only when ``search.trials > 0``;
 `export` exports only when ``export.format`` is set.
 Otherwise the stage writes ``data/<stage>/manifest.json`` saying why (and removes what an earlier run left there).
-The stage code (tasks/classenc.py, tasks/search.py, tasks/export.py) and `thinair <stage>` both call :func:`write_if_skipped`; the
-command does so before it starts Prefect or loads a model, so a skipped stage of ``dvc repro`` costs about a second.
+The stage code (tasks/classenc.py, tasks/search.py, tasks/export.py) and `thinair <stage>` both call
+:func:`write_if_skipped`; the command does so before it starts Prefect or loads a model, so a skipped stage of
+``dvc repro`` costs about a second.
 Imports no torch, on purpose. Writes ``data/<stage>/`` only.
 """
 from __future__ import annotations

@@ -335,20 +335,15 @@ def schedule(mod, params, units: list[dict], keys: list[str], root: str | Path =
     unit costs (``cost(params, unit, root)``, any relative figure): the workers then end together on short units
     instead of one of them idling through a long unit submitted last. Order changes no result: every unit is
     seeded by its key."""
-    seen: set[str] = set()
-    waves: dict[int, list[int]] = {}
+    first, repeats, seen = [], [], set()
     for i, k in enumerate(keys):
-        waves.setdefault(int(k in seen), []).append(i)
+        (repeats if k in seen else first).append(i)
         seen.add(k)
     cost = getattr(mod, "cost", None)
-    out = []
-    for w in sorted(waves):
-        mine = waves[w]
-        if cost is not None:
-            costs = {i: cost(params, units[i], root) for i in mine}
-            mine = sorted(mine, key=lambda i: -costs[i])  # stable: equal costs keep the stage's order
-        out.append(mine)
-    return out
+    if cost is not None:
+        costs = {i: cost(params, units[i], root) for i in first}
+        first.sort(key=lambda i: -costs[i])  # stable: equal costs keep the stage's order
+    return [w for w in (first, repeats) if w]
 
 
 def run_flow(stage: str, params, root: str | Path = "."):
